@@ -1,0 +1,12 @@
+"""lightning-chaos: see, and use, the chaos in your training dynamics.
+
+Lightning callbacks that step ε-perturbed shadow copies of your model in lockstep with it and measure how fast they
+separate: d(t), local and running Lyapunov exponents, time-to-accuracy.
+"""
+
+from lightning_chaos import functional
+from lightning_chaos.probe import ChaosProbe
+
+__version__ = "0.1.0"
+
+__all__ = ["ChaosProbe", "functional", "__version__"]

@@ -1,0 +1,74 @@
+"""Tags, the TensorBoard layout and logger plumbing for the chaos metrics.
+
+Logger-agnostic first: metrics go to every logger of the trainer through ``Logger.log_metrics``, the way Lightning's
+own ``LearningRateMonitor`` logs from a callback. TensorBoard extras (custom-scalars layout, histograms) are added
+when a ``TensorBoardLogger`` is present.
+"""
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+PREFIX = "chaos"
+DISTANCE_MEAN = f"{PREFIX}/distance/mean"
+LOG_DISTANCE_MEAN = f"{PREFIX}/log_distance/mean"
+RUNNING_EXPONENT = f"{PREFIX}/lyapunov/running"
+RUNNING_EXPONENT_MIN = f"{PREFIX}/lyapunov/running_min"
+RUNNING_EXPONENT_MAX = f"{PREFIX}/lyapunov/running_max"
+LOCAL_EXPONENT = f"{PREFIX}/lyapunov/local"
+LOCAL_EXPONENT_R2 = f"{PREFIX}/lyapunov/local_r2"
+TIME_TO_TARGET = f"{PREFIX}/time_to_target"
+EXPONENT_HISTOGRAM = f"{PREFIX}/local_exponents"
+
+
+def shadow_distance_tag(index: int) -> str:
+    return f"{PREFIX}/distance/shadow_{index}"
+
+
+def custom_scalars_layout() -> dict:
+    """TensorBoard custom-scalars layout: every shadow's d(t) on one chart, the running exponent with its band."""
+    return {
+        "chaos": {
+            "d(t) of every shadow": ["Multiline", [rf"{PREFIX}/distance/shadow_\d+", DISTANCE_MEAN]],
+            "ln d(t)": ["Multiline", [LOG_DISTANCE_MEAN]],
+            "running Lyapunov exponent (band across shadows)": [
+                "Margin",
+                [RUNNING_EXPONENT, RUNNING_EXPONENT_MIN, RUNNING_EXPONENT_MAX],
+            ],
+            "local exponent and fit R²": ["Multiline", [LOCAL_EXPONENT, LOCAL_EXPONENT_R2]],
+            "time to target": ["Multiline", [rf"{TIME_TO_TARGET}/.*"]],
+        }
+    }
+
+
+def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def logger_step(trainer: Trainer) -> int:
+    """The step Lightning itself logs at (optimizer steps taken, resume-safe)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+    """Send plain-float metrics to every logger of the trainer (each logger writes on rank 0 only)."""
+    step = logger_step(trainer) if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def write_layout(trainer: Trainer) -> None:
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_custom_scalars(custom_scalars_layout())
+
+
+def write_exponent_histogram(trainer: Trainer, exponents: Tensor) -> None:
+    finite = exponents[torch.isfinite(exponents)]
+    if finite.numel() == 0:
+        return
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_histogram(EXPONENT_HISTOGRAM, finite, global_step=logger_step(trainer))

@@ -1,0 +1,501 @@
+"""ChaosProbe: measure how sensitive a training trajectory is to its initial conditions, as a Lightning callback."""
+
+import math
+import time
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_chaos import logging as chaos_logging
+from lightning_chaos.functional.distance import NORMS
+from lightning_chaos.functional.exponents import WindowFit, best_window_fit
+from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
+
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+_MIN_FIT_POINTS = 4
+
+
+class ChaosProbe(Callback):
+    r"""Clone the model into ε-perturbed shadow networks, step them in lockstep with the real one, and measure d(t).
+
+    At fit start the LightningModule is deep-copied into ``num_shadows`` shadows, each displaced by an independent
+    perturbation δ of size ε. Whenever the real optimizer steps, every shadow takes the same step: the same batch,
+    the same dropout masks (the RNG state the real ``training_step`` saw is replayed), the param-group
+    hyperparameters of that step (LR schedules are followed), the same gradient clipping and accumulation, inside
+    the same precision context. After every optimizer step the probe measures
+
+    .. math::  d_k(t) = \lVert \theta(t) - \tilde\theta_k(t) \rVert
+
+    and derives Lyapunov exponents (per optimizer step):
+
+    * free evolution (``renormalize_every=None``, the seed papers' way): the local exponent Λ_k is the slope of
+      ln d_k(t) over its exponential phase, found by the best-R² window search
+      (:func:`~lightning_chaos.functional.best_window_fit`); the running exponent is ln(d_k(t)/d_k(0)) / t;
+    * renormalised (``renormalize_every=N``, Benettin's two-trajectory method): every N steps ln(d/d_prev) is added
+      to a sum and each shadow is pulled back along its separation to d0 (its optimizer state too); the running
+      exponent Σ ln(d/d_prev) / t never saturates.
+
+    Observation does not perturb: the real model trains bit-identically with or without the probe, and with
+    ``epsilon=0`` every shadow stays bit-identical to the real model.
+
+    Args:
+        epsilon: size ε of the initial perturbation (≥ 0). The default ``1e-4`` with ``relative=True`` displaces
+            the parameters by 1e-4 of their norm: about a thousand float32 rounding steps (unit roundoff ≈ 6e-8), so
+            rounding does not masquerade as divergence, while leaving about ln(1e4) ≈ 9 e-foldings before the
+            separation reaches the parameters' own size. The papers' ``1e-8`` absolute needs a float64 model.
+        num_shadows: number K of perturbed copies (≥ 1). Each costs about one extra training step and one model's
+            memory (parameters and optimizer state). More shadows give an error band across initial perturbations.
+        distribution: ``"uniform"`` (δ_i ~ U(−ε, ε) per element, the papers') or ``"normal"`` (δ_i ~ N(0, ε²)).
+        relative: if ``True``, δ is rescaled so that ‖δ‖ = ε·‖θ‖ (in ``norm``, over all trainable parameters); with
+            ``renormalize_every`` the pull-back distance is then ε·‖θ(t)‖ at the time of the pull-back. If ``False``,
+            ε is absolute (per element) and the pull-back distance is d(0).
+        perturb_biases: also perturb parameters named ``*.bias`` (the papers perturb weights only).
+        norm: ``"l2"`` (default) or ``"l1"`` (the papers): the norm of d(t), over all trainable parameters.
+        renormalize_every: ``None`` for free evolution, or N ≥ 1 to renormalise every N optimizer steps.
+        seed: seed of the probe's own generator for δ. The global RNG is never touched.
+        monitor: a metric in ``trainer.callback_metrics`` (for example ``"val_acc"``) for time-to-target.
+        target: the value of ``monitor`` to reach.
+        mode: ``"max"`` (reached when ``monitor >= target``) or ``"min"`` (``monitor <= target``).
+        stop_at_target: end training once the target is reached.
+        log_every_n_steps: log every N optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
+            Distances are measured at every step regardless.
+
+    Raises:
+        ValueError: at construction, for an argument out of its range (the message names it).
+        MisconfigurationException: at fit start, for manual optimisation, several optimizers or a sharded strategy.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_chaos import ChaosProbe
+
+        probe = ChaosProbe(num_shadows=2, monitor="val_acc", target=0.9)
+        trainer = Trainer(max_epochs=5, callbacks=[probe])
+        trainer.fit(model, datamodule=dm)
+        probe.distances           # [steps + 1, 2]
+        probe.lyapunov_exponent   # mean local exponent, per optimizer step
+        probe.time_to_target      # {"step": ..., "epoch": ..., "seconds": ...} or None
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1e-4,
+        num_shadows: int = 1,
+        distribution: str = "uniform",
+        relative: bool = True,
+        perturb_biases: bool = False,
+        norm: str = "l2",
+        renormalize_every: Optional[int] = None,
+        seed: int = 0,
+        monitor: Optional[str] = None,
+        target: Optional[float] = None,
+        mode: str = "max",
+        stop_at_target: bool = False,
+        log_every_n_steps: Optional[int] = None,
+    ) -> None:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+            raise ValueError(f"`epsilon` must be a finite number >= 0, got {epsilon!r}")
+        if isinstance(num_shadows, bool) or not isinstance(num_shadows, int) or num_shadows < 1:
+            raise ValueError(f"`num_shadows` must be an integer >= 1, got {num_shadows!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"`distribution` must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        if norm not in NORMS:
+            raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}")
+        if renormalize_every is not None and (
+            isinstance(renormalize_every, bool) or not isinstance(renormalize_every, int) or renormalize_every < 1
+        ):
+            raise ValueError(f"`renormalize_every` must be None or an integer >= 1, got {renormalize_every!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`seed` must be an integer, got {seed!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
+        if target is not None and monitor is None:
+            raise ValueError("`target` was given without `monitor`: name the metric to compare with the target")
+        if monitor is not None and target is None:
+            raise ValueError(f"`monitor={monitor!r}` needs a `target` value to reach")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+            raise ValueError(f"`target` must be a number, got {target!r}")
+        if stop_at_target and monitor is None:
+            raise ValueError("`stop_at_target=True` needs `monitor` and `target`")
+
+        self.perturbation = Perturbation(float(epsilon), distribution, relative, perturb_biases)
+        self.epsilon = float(epsilon)
+        self.num_shadows = num_shadows
+        self.norm = norm
+        self.renormalize_every = renormalize_every
+        self.seed = seed
+        self.monitor = monitor
+        self.target = target
+        self.mode = mode
+        self.stop_at_target = stop_at_target
+        self.log_every_n_steps = log_every_n_steps
+
+        self._ensemble: Optional[ShadowEnsemble] = None
+        self._restored: Optional[dict[str, Any]] = None
+        self._disabled = False
+        self._reset_measurements()
+
+    def _reset_measurements(self) -> None:
+        self._steps = 0
+        self._history: list[Tensor] = []  # CPU float64 blocks [n, K]
+        self._pending: list[Tensor] = []  # device tensors [K], not yet moved to the host
+        self._initial_distance: Optional[Tensor] = None
+        self._previous_distance: Optional[Tensor] = None  # renormalised mode: d right after the last pull-back
+        self._log_growth_sum: Optional[Tensor] = None
+        self._alive = [True] * self.num_shadows
+        self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
+        self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
+        self._time_to_target: Optional[dict[str, float]] = None
+        self._start_time = time.monotonic()
+        self._elapsed_before_resume = 0.0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(epsilon=self.epsilon, num_shadows=self.num_shadows, seed=self.seed)
+
+    # -- public results -------------------------------------------------------------------------------------------
+
+    @property
+    def distances(self) -> Tensor:
+        """d(t) since attach, t = 0 included: float64 tensor [steps + 1, num_shadows] on the CPU.
+
+        In renormalised mode d(t) is recorded before the pull-back of that step.
+        """
+        self._flush()
+        if not self._history:
+            return torch.empty(0, self.num_shadows, dtype=torch.float64)
+        return torch.cat(self._history)
+
+    @property
+    def window_fit(self) -> Optional[WindowFit]:
+        """Best-R² window fit of ln d_k(t) per shadow (free evolution only; None before 4 recorded points)."""
+        distances = self.distances
+        if self.renormalize_every is not None or distances.shape[0] < _MIN_FIT_POINTS:
+            return None
+        log_d = torch.where(distances > 0, distances.log(), torch.nan)
+        return best_window_fit(log_d)
+
+    @property
+    def running_exponents(self) -> Tensor:
+        """Running exponent per shadow, float64 [num_shadows]: Σ ln(d/d_prev)/t renormalised, ln(d(t)/d(0))/t free."""
+        self._flush()
+        if self._steps == 0 or self._initial_distance is None:
+            return torch.full((self.num_shadows,), math.nan, dtype=torch.float64)
+        current = self._history[-1][-1]
+        if self.renormalize_every is None:
+            growth = torch.log(current / self._initial_distance.double().cpu())
+        else:
+            growth = self._log_growth_sum.double().cpu() + torch.log(current / self._previous_distance.double().cpu())
+        exponents = growth / self._steps
+        return torch.where(torch.tensor(self._alive), exponents, torch.nan)
+
+    @property
+    def local_exponents(self) -> Tensor:
+        """Λ_k per shadow, float64 [num_shadows]: the fitted local exponent (free evolution) or the running exponent
+        (renormalised). NaN for a shadow whose trajectory turned non-finite, or before enough steps."""
+        if self.renormalize_every is not None:
+            return self.running_exponents
+        fit = self.window_fit
+        if fit is None:
+            return torch.full((self.num_shadows,), math.nan, dtype=torch.float64)
+        return torch.where(torch.tensor(self._alive), fit.exponent, torch.nan)
+
+    @property
+    def lyapunov_exponent(self) -> float:
+        """Mean of :attr:`local_exponents` over the shadows that stayed finite (NaN if none did), per step."""
+        exponents = self.local_exponents
+        return exponents.nanmean().item() if torch.isfinite(exponents).any() else math.nan
+
+    @property
+    def time_to_target(self) -> Optional[dict[str, float]]:
+        """None, or ``{"step", "epoch", "seconds"}`` when ``monitor`` first reached ``target``."""
+        return None if self._time_to_target is None else dict(self._time_to_target)
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "ChaosProbe supports automatic optimization only; this LightningModule sets"
+                " `automatic_optimization = False` (manual optimization)."
+            )
+        strategy_name = type(trainer.strategy).__name__
+        if any(name in strategy_name for name in _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"ChaosProbe does not support the sharded strategy {strategy_name}: its shadows would have to be"
+                " sharded like the real model. See docs/scaling.md."
+            )
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                f"ChaosProbe does not support distributed training yet ({strategy_name}, world_size="
+                f"{trainer.world_size}): the shadows' gradients are not averaged across ranks."
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"ChaosProbe needs exactly one optimizer, found {len(trainer.optimizers)} in `configure_optimizers`."
+            )
+        self._disabled = False
+        restored, self._restored = self._restored, None
+        generator = torch.Generator().manual_seed(self.seed)
+        self._ensemble = ShadowEnsemble(
+            pl_module,
+            trainer.optimizers[0],
+            self.num_shadows,
+            self.perturbation,
+            norm=self.norm,
+            generator=generator,
+            shadow_states=None if restored is None else restored["shadows"],
+        )
+        self._reset_measurements()
+        device = pl_module.device
+        if restored is None:
+            initial = self._ensemble.distances()
+            self._initial_distance = initial
+            self._previous_distance = initial.clone()
+            self._log_growth_sum = torch.zeros_like(initial)
+            self._pending.append(initial)
+        else:
+            self._load_measurements(restored, device)
+        self._warn_about_precision(pl_module)
+        if not trainer.loggers:
+            rank_zero_warn(
+                "ChaosProbe: the Trainer has no logger, so nothing will be logged; the results stay on the callback"
+                " (`probe.distances`, `probe.lyapunov_exponent`, `probe.time_to_target`)."
+            )
+        chaos_logging.write_layout(trainer)
+        if restored is None:
+            self._log(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._active:
+            self._rng_state = capture_rng_state(pl_module.device)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        # Step-interval schedulers run before on_train_batch_end: read this step's hyperparameters now.
+        if self._active:
+            self._step_hyperparameters = [
+                {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+            ]
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active or self._rng_state is None:
+            return
+        try:
+            self._lockstep(trainer, pl_module, batch, batch_idx)
+        except Exception as error:  # a fault in the probe must never stop the user's training
+            self._disable(f"ChaosProbe stopped probing after an error in a shadow step: {error!r}")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_target(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_target(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._ensemble is None or self._steps == 0:
+            return
+        if self._steps % self._log_interval(trainer) != 0:
+            self._log(trainer)
+        exponents = self.local_exponents
+        chaos_logging.write_exponent_histogram(trainer, exponents)
+        rank_zero_info(self._summary(exponents))
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._ensemble is None:
+            return {}
+        self._flush()
+        return {
+            "steps": self._steps,
+            "distances": self.distances,
+            "initial_distance": self._initial_distance.detach().cpu(),
+            "previous_distance": self._previous_distance.detach().cpu(),
+            "log_growth_sum": self._log_growth_sum.detach().cpu(),
+            "alive": list(self._alive),
+            "time_to_target": self._time_to_target,
+            "elapsed_seconds": self._elapsed_seconds(),
+            "shadows": self._ensemble.state_dicts(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Devices are not known yet (the module moves later): shadows are rebuilt from this at fit start.
+        self._restored = state_dict or None
+
+    def _load_measurements(self, state: dict[str, Any], device: torch.device) -> None:
+        self._steps = state["steps"]
+        self._history = [state["distances"].to(torch.float64)]
+        self._initial_distance = state["initial_distance"].to(device)
+        self._previous_distance = state["previous_distance"].to(device)
+        self._log_growth_sum = state["log_growth_sum"].to(device)
+        self._alive = list(state["alive"])
+        self._time_to_target = state["time_to_target"]
+        self._elapsed_before_resume = state["elapsed_seconds"]
+
+    # -- internals ------------------------------------------------------------------------------------------------
+
+    @property
+    def _active(self) -> bool:
+        return self._ensemble is not None and not self._disabled
+
+    def _lockstep(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        ensemble = self._ensemble
+        ensemble.forward_backward(
+            batch,
+            batch_idx,
+            self._rng_state,
+            pl_module.device,
+            trainer.accumulate_grad_batches,
+            step_context=trainer.precision_plugin.train_step_context,
+            alive=self._alive,
+        )
+        self._rng_state = None
+        hyperparameters, self._step_hyperparameters = self._step_hyperparameters, None
+        if hyperparameters is None:  # accumulating: the real optimizer did not step on this batch
+            return
+
+        def clip(optimizer: Optimizer) -> None:
+            shadow = ensemble.shadows[ensemble.optimizers.index(optimizer)]
+            shadow.configure_gradient_clipping(
+                optimizer,
+                gradient_clip_val=trainer.gradient_clip_val,
+                gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+            )
+
+        ensemble.optimizer_step(hyperparameters, clip_gradients=clip, alive=self._alive)
+        self._steps += 1
+        distances = ensemble.distances()
+        self._pending.append(distances)
+        if self.renormalize_every is not None and self._steps % self.renormalize_every == 0:
+            self._renormalize(distances)
+        if self._steps % self._log_interval(trainer) == 0:
+            self._log(trainer)
+
+    def _renormalize(self, distances: Tensor) -> None:
+        ensemble = self._ensemble
+        if self.perturbation.relative:
+            target = self.epsilon * ensemble.reference_norm().to(distances.dtype).expand_as(distances)
+        else:
+            target = self._initial_distance
+        self._log_growth_sum = self._log_growth_sum + torch.log(distances / self._previous_distance)
+        ensemble.renormalize(distances, target)
+        self._previous_distance = target.clone()
+
+    def _log_interval(self, trainer: Trainer) -> int:
+        return self.log_every_n_steps or trainer.log_every_n_steps or 1
+
+    def _flush(self) -> None:
+        """Move pending device distances to the host (one synchronisation) and retire shadows that diverged."""
+        if not self._pending:
+            return
+        block = torch.stack(self._pending).detach().to("cpu", torch.float64)
+        self._pending = []
+        self._history.append(block)
+        for k in range(self.num_shadows):
+            if self._alive[k] and not torch.isfinite(block[:, k]).all():
+                self._alive[k] = False
+                rank_zero_warn(
+                    f"ChaosProbe: shadow {k} turned non-finite (NaN or inf) by optimizer step {self._steps}; it is"
+                    " retired and its exponent is NaN. The real training is not affected."
+                    " This is common at large learning rates; a smaller `epsilon` may keep it finite longer."
+                )
+
+    def _log(self, trainer: Trainer) -> None:
+        self._flush()
+        latest = self._history[-1][-1]
+        alive = torch.tensor(self._alive)
+        metrics: dict[str, float] = {}
+        for k in range(self.num_shadows):
+            metrics[chaos_logging.shadow_distance_tag(k)] = latest[k].item()
+        if alive.any():
+            mean_distance = latest[alive].mean().item()
+            metrics[chaos_logging.DISTANCE_MEAN] = mean_distance
+            metrics[chaos_logging.LOG_DISTANCE_MEAN] = math.log(mean_distance) if mean_distance > 0 else -math.inf
+        if self._steps > 0:
+            running = self.running_exponents[alive]
+            running = running[torch.isfinite(running)]
+            if running.numel():
+                metrics[chaos_logging.RUNNING_EXPONENT] = running.mean().item()
+                metrics[chaos_logging.RUNNING_EXPONENT_MIN] = running.min().item()
+                metrics[chaos_logging.RUNNING_EXPONENT_MAX] = running.max().item()
+            fit = self.window_fit
+            if fit is not None:
+                usable = alive & torch.isfinite(fit.exponent)
+                if usable.any():
+                    metrics[chaos_logging.LOCAL_EXPONENT] = fit.exponent[usable].mean().item()
+                    metrics[chaos_logging.LOCAL_EXPONENT_R2] = fit.r2[usable].nanmean().item()
+        chaos_logging.log_metrics(trainer, metrics)
+
+    def _check_target(self, trainer: Trainer) -> None:
+        if self.monitor is None or self._time_to_target is not None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        reached = value >= self.target if self.mode == "max" else value <= self.target
+        if not reached:
+            return
+        self._time_to_target = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "seconds": self._elapsed_seconds(),
+        }
+        chaos_logging.log_metrics(
+            trainer, {f"{chaos_logging.TIME_TO_TARGET}/{key}": float(v) for key, v in self._time_to_target.items()}
+        )
+        if self.stop_at_target:
+            trainer.should_stop = True
+
+    def _elapsed_seconds(self) -> float:
+        return self._elapsed_before_resume + time.monotonic() - self._start_time
+
+    def _warn_about_precision(self, pl_module: LightningModule) -> None:
+        dtype = next(p.dtype for p in pl_module.parameters())
+        unit_roundoff = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+        if 0 < self.epsilon < 100 * unit_roundoff and self.perturbation.relative:
+            rank_zero_warn(
+                f"ChaosProbe: epsilon={self.epsilon:g} is within 100 rounding steps of {dtype} (unit roundoff"
+                f" {unit_roundoff:.1e}): rounding noise will dominate d(t). Use a larger epsilon or a float64 model."
+            )
+        elif 0 < self.epsilon and not self.perturbation.relative and dtype != torch.float64 and self.epsilon < 1e-6:
+            rank_zero_warn(
+                f"ChaosProbe: an absolute epsilon={self.epsilon:g} in a {dtype} model is below the rounding step of"
+                " O(1) weights; most of the perturbation vanishes. The papers use float64 for this reason."
+            )
+
+    def _disable(self, message: str) -> None:
+        self._disabled = True
+        rank_zero_warn(message + " The real training continues unaffected.")
+
+    def _summary(self, exponents: Tensor) -> str:
+        mode = "free evolution" if self.renormalize_every is None else f"renormalised every {self.renormalize_every}"
+        finite = exponents[torch.isfinite(exponents)]
+        if finite.numel():
+            spread = f" ± {finite.std(unbiased=False).item():.3g}" if finite.numel() > 1 else ""
+            exponent = f"Λ = {finite.mean().item():.4g}{spread} per step"
+        else:
+            exponent = "Λ = nan"
+        text = f"ChaosProbe: {exponent} ({finite.numel()}/{self.num_shadows} shadows, {mode}, {self._steps} steps)"
+        if self.monitor is not None:
+            if self._time_to_target is None:
+                text += f"; {self.monitor} never reached {self.target}"
+            else:
+                t = self._time_to_target
+                text += f"; {self.monitor} reached {self.target} at step {t['step']} (epoch {t['epoch']}, {t['seconds']:.1f} s)"
+        return text

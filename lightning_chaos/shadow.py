@@ -1,0 +1,286 @@
+"""The lockstep engine: ε-perturbed shadow copies of a LightningModule stepped exactly as the real one.
+
+This layer knows torch and a LightningModule's ``training_step``; it knows no callback hooks. The callback tells it
+what the real model saw (batch, RNG state, hyperparameters, clipping) and when the real optimizer stepped.
+"""
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_chaos.functional.distance import flat_norm, parameter_distance
+
+DISTRIBUTIONS = ("uniform", "normal")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """How a shadow's initial displacement δ is drawn.
+
+    ``uniform``: δ_i ~ U(−ε, ε) per element; ``normal``: δ_i ~ N(0, ε²) per element. With ``relative`` the whole
+    vector is then rescaled so that ‖δ‖ = ε·‖θ‖ (norms over all trainable parameters, in the probe's norm).
+    Parameters whose name ends in ``bias`` are left untouched unless ``perturb_biases``.
+    """
+
+    epsilon: float
+    distribution: str = "uniform"
+    relative: bool = True
+    perturb_biases: bool = False
+
+
+def capture_rng_state(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """Torch RNG state(s) that drive dropout on ``device``: the CPU generator and, on CUDA, the device's."""
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextmanager
+def _replayed_rng(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> Iterator[None]:
+    """Run a block with the torch RNG set to ``state``; the caller's RNG stream continues untouched afterwards.
+
+    Cheaper than ``isolate_rng`` on the hot path: dropout draws only from torch's generators.
+    """
+    saved = capture_rng_state(device)
+    _set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        _set_rng_state(saved, device)
+
+
+def clone_optimizer(optimizer: Optimizer, param_map: dict[int, Tensor]) -> Optimizer:
+    """A fresh optimizer of the same class over the mapped parameters, with a deep copy of the state.
+
+    ``deepcopy(optimizer)`` would copy an attached LR scheduler's patched ``step`` (still bound to the real
+    optimizer), and ``load_state_dict`` alone would alias state tensors that are already on the right device.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        new_group["params"] = [param_map[id(p)] for p in group["params"]]
+        groups.append(new_group)
+    try:
+        clone = type(optimizer)(groups, **optimizer.defaults)
+    except TypeError:
+        clone = type(optimizer)(groups)
+    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return clone
+
+
+def _no_log(*_: Any, **__: Any) -> None:
+    """Stands in for a shadow's ``self.log``: the user's metrics must only see the real model."""
+
+
+def make_shadow_module(module: LightningModule) -> LightningModule:
+    """Deep copy of ``module`` that runs its ``training_step`` without logging into the user's metrics.
+
+    The copy keeps a reference to the real trainer (``self.current_epoch``, ``self.trainer`` in a training_step stay
+    meaningful) but its ``log``/``log_dict`` do nothing; torchmetrics inside it are its own copies.
+    """
+    trainer = module._trainer
+    shadow = copy.deepcopy(module)  # LightningModule.__getstate__ drops the trainer reference
+    shadow._trainer = trainer
+    shadow.log = _no_log  # type: ignore[method-assign]
+    shadow.log_dict = _no_log  # type: ignore[method-assign]
+    return shadow
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def training_loss(output: Any) -> Optional[Tensor]:
+    """The loss in a ``training_step`` output (a Tensor, a mapping with ``"loss"``, or None), as Lightning reads it."""
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "get"):
+        return output.get("loss")
+    raise TypeError(f"`training_step` must return a Tensor, a dict with 'loss', or None; got {type(output).__name__}")
+
+
+class ShadowEnsemble:
+    """K ε-perturbed copies of a LightningModule and its optimizer, stepped in lockstep with the real pair.
+
+    Distances are kept on the device as tensors; nothing here synchronises with the host.
+
+    Args:
+        module: the real LightningModule (already on its device, in its training precision).
+        optimizer: the real optimizer (its state is copied, never shared).
+        num_shadows: K.
+        perturbation: how δ is drawn.
+        norm: ``"l2"`` or ``"l1"`` for all distances.
+        generator: a CPU generator for δ; drawing on the CPU makes δ identical on every device and rank.
+    """
+
+    def __init__(
+        self,
+        module: LightningModule,
+        optimizer: Optimizer,
+        num_shadows: int,
+        perturbation: Perturbation,
+        norm: str = "l2",
+        generator: Optional[torch.Generator] = None,
+        shadow_states: Optional[Sequence[dict[str, Any]]] = None,
+    ) -> None:
+        self.norm = norm
+        self.perturbation = perturbation
+        self.real_optimizer = optimizer
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters to probe")
+        self.real_params = [p for _, p in named]
+        self.shadows: list[LightningModule] = []
+        self.optimizers: list[Optimizer] = []
+        self.shadow_params: list[list[Tensor]] = []
+        for k in range(num_shadows):
+            shadow = make_shadow_module(module)
+            shadow_named = dict(shadow.named_parameters())
+            param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
+            shadow_optimizer = clone_optimizer(optimizer, param_map)
+            if shadow_states is not None:
+                shadow.load_state_dict(shadow_states[k]["module"])
+                shadow_optimizer.load_state_dict(copy.deepcopy(shadow_states[k]["optimizer"]))
+            self.shadows.append(shadow)
+            self.optimizers.append(shadow_optimizer)
+            self.shadow_params.append([shadow_named[n] for n, _ in named])
+        if shadow_states is None:
+            self._perturb([n for n, _ in named], generator)
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _perturb(self, names: list[str], generator: Optional[torch.Generator]) -> None:
+        spec = self.perturbation
+        if spec.epsilon == 0:
+            return
+        mask = [spec.perturb_biases or not _is_bias(n) for n in names]
+        if not any(mask):
+            raise ValueError("`perturb_biases=False` leaves no parameter to perturb: the model has only biases")
+        reference_norm = flat_norm(self.real_params, self.norm) if spec.relative else None
+        for params in self.shadow_params:
+            deltas = []
+            for p, perturbed in zip(params, mask):
+                if not perturbed:
+                    deltas.append(torch.zeros(p.shape, dtype=torch.float64))
+                elif spec.distribution == "uniform":
+                    deltas.append((torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) * spec.epsilon)
+                else:
+                    deltas.append(torch.randn(p.shape, generator=generator, dtype=torch.float64) * spec.epsilon)
+            if reference_norm is not None:
+                scale = spec.epsilon * reference_norm.double().cpu() / flat_norm(deltas, self.norm)
+                torch._foreach_mul_(deltas, scale.item())
+            for p, delta in zip(params, deltas):
+                p.add_(delta.to(device=p.device, dtype=p.dtype))
+
+    # -- the lockstep step ----------------------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        batch: Any,
+        batch_idx: int,
+        rng_state: tuple[Tensor, Optional[Tensor]],
+        device: torch.device,
+        accumulate_grad_batches: int,
+        step_context: Callable[[], AbstractContextManager] = nullcontext,
+        alive: Optional[list[bool]] = None,
+    ) -> None:
+        """Each shadow's training_step and backward on ``batch`` with the RNG the real training_step saw.
+
+        Mirrors Lightning's automatic optimisation: gradients are zeroed on the first micro-batch of an accumulation
+        window, and the loss is divided by ``accumulate_grad_batches`` before backward.
+        """
+        zero_grad = batch_idx % accumulate_grad_batches == 0
+        for k, shadow in enumerate(self.shadows):
+            if alive is not None and not alive[k]:
+                continue
+            with _replayed_rng(rng_state, device), step_context():
+                loss = training_loss(shadow.training_step(batch, batch_idx))
+            if zero_grad:
+                self.optimizers[k].zero_grad(set_to_none=True)
+            if loss is not None:
+                (loss / accumulate_grad_batches).backward()
+
+    def optimizer_step(
+        self,
+        hyperparameters: list[dict[str, Any]],
+        clip_gradients: Optional[Callable[[Optimizer], None]] = None,
+        alive: Optional[list[bool]] = None,
+    ) -> None:
+        """Step every shadow optimizer with the real step's param-group hyperparameters, after clipping."""
+        for k, optimizer in enumerate(self.optimizers):
+            if alive is not None and not alive[k]:
+                continue
+            for group, values in zip(optimizer.param_groups, hyperparameters):
+                group.update(values)
+            if clip_gradients is not None:
+                clip_gradients(optimizer)
+            optimizer.step()
+
+    # -- measurement and renormalisation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def distances(self) -> Tensor:
+        """d_k = ‖θ − θ̃_k‖ for every shadow, as one tensor [K] on the device."""
+        return torch.stack([parameter_distance(self.real_params, params, self.norm) for params in self.shadow_params])
+
+    @torch.no_grad()
+    def reference_norm(self) -> Tensor:
+        """‖θ‖ of the real model's trainable parameters."""
+        return flat_norm(self.real_params, self.norm)
+
+    @torch.no_grad()
+    def renormalize(self, distances: Tensor, target: Tensor) -> None:
+        """Pull every shadow back along its separation to distance ``target``: θ̃ ← θ + (θ̃ − θ)·target/d.
+
+        Optimizer state that lives per parameter (momentum buffers, Adam moments) is part of the dynamical system and
+        is scaled the same way around the real optimizer's state. A zero or non-finite distance is left alone.
+        """
+        scales = torch.where(torch.isfinite(distances) & (distances > 0), target / distances, torch.ones_like(distances))
+        for k, params in enumerate(self.shadow_params):
+            scale = scales[k]
+            diff = torch._foreach_sub(params, self.real_params)
+            torch._foreach_mul_(diff, scale)
+            torch._foreach_add_(diff, self.real_params)
+            torch._foreach_copy_(params, diff)
+            self._scale_optimizer_state(self.optimizers[k], params, scale)
+
+    def _scale_optimizer_state(self, optimizer: Optimizer, params: list[Tensor], scale: Tensor) -> None:
+        real_state = self.real_optimizer.state
+        for real_p, shadow_p in zip(self.real_params, params):
+            shadow_buffers = optimizer.state.get(shadow_p)
+            real_buffers = real_state.get(real_p)
+            if not shadow_buffers or not real_buffers:
+                continue
+            for key, value in shadow_buffers.items():
+                reference = real_buffers.get(key)
+                if (
+                    key == "step"
+                    or not isinstance(value, Tensor)
+                    or not isinstance(reference, Tensor)
+                    or not value.is_floating_point()
+                    or value.shape != shadow_p.shape
+                ):
+                    continue
+                value.sub_(reference).mul_(scale).add_(reference)
+
+    # -- checkpointing ----------------------------------------------------------------------------------------------
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each shadow's module and optimizer state, for the callback's checkpoint."""
+        return [
+            {"module": shadow.state_dict(), "optimizer": optimizer.state_dict()}
+            for shadow, optimizer in zip(self.shadows, self.optimizers)
+        ]
