@@ -152,6 +152,7 @@ class ChaosProbe(Callback):
         self._previous_distance: Optional[Tensor] = None  # renormalised mode: d right after the last pull-back
         self._log_growth_sum: Optional[Tensor] = None
         self._alive = [True] * self.num_shadows
+        self._collapse_reported = False
         self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
         self._time_to_target: Optional[dict[str, float]] = None
@@ -406,6 +407,13 @@ class ChaosProbe(Callback):
         block = torch.stack(self._pending).detach().to("cpu", torch.float64)
         self._pending = []
         self._history.append(block)
+        if self.epsilon > 0 and not self._collapse_reported and (block == 0).any():
+            self._collapse_reported = True
+            rank_zero_warn(
+                f"ChaosProbe: d(t) = 0 by optimizer step {self._steps}: the separation fell below the rounding step"
+                " of the weights and a shadow merged with the real model. Use `relative=True` or a larger `epsilon`"
+                " (or a float64 model)."
+            )
         for k in range(self.num_shadows):
             if self._alive[k] and not torch.isfinite(block[:, k]).all():
                 self._alive[k] = False

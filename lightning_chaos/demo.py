@@ -1,0 +1,125 @@
+"""Small ready-made pieces for the quickstart, examples, tests and benchmarks: real offline data and an MLP.
+
+Nothing here is needed to use the callbacks; it needs scikit-learn (the ``examples``/``test`` extras) for the data.
+"""
+
+from typing import Optional
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def load_digits_tensors(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled handwritten digits (1797 real 8×8 images, 10 classes), pixels scaled to [0, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The digits data needs scikit-learn: pip install 'lightning-chaos[examples]'"
+        ) from error
+    images, labels = load_digits(return_X_y=True)
+    return torch.tensor(images / 16.0, dtype=dtype), torch.tensor(labels, dtype=torch.long)
+
+
+class DigitsDataModule(LightningDataModule):
+    """scikit-learn digits split into a fixed training set and validation set (a seeded shuffle, no download).
+
+    Args:
+        batch_size: training batch size; ``None`` for full-batch gradient descent.
+        val_fraction: share of the 1797 images held out for validation.
+        split_seed: seed of the split (independent of the global RNG).
+        dtype: floating dtype of the images (``torch.float64`` for the papers' protocol).
+    """
+
+    def __init__(
+        self,
+        batch_size: Optional[int] = 64,
+        val_fraction: float = 0.25,
+        split_seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be None or >= 1, got {batch_size}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"`val_fraction` must lie in (0, 1), got {val_fraction}")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.dtype = dtype
+
+    def setup(self, stage: str) -> None:
+        images, labels = load_digits_tensors(self.dtype)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        num_val = int(round(self.val_fraction * len(labels)))
+        self.train_set = TensorDataset(images[order[num_val:]], labels[order[num_val:]])
+        self.val_set = TensorDataset(images[order[:num_val]], labels[order[:num_val]])
+
+    def train_dataloader(self) -> DataLoader:
+        batch_size = self.batch_size or len(self.train_set)
+        return DataLoader(self.train_set, batch_size=batch_size, shuffle=self.batch_size is not None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=len(self.val_set))
+
+
+class MLPClassifier(LightningModule):
+    """A multilayer perceptron classifier trained with SGD; logs ``train_loss``, ``val_loss`` and ``val_acc``.
+
+    Args:
+        in_features: input size (64 for the 8×8 digits).
+        hidden: sizes of the hidden layers.
+        num_classes: number of classes.
+        lr: learning rate of SGD.
+        momentum: SGD momentum.
+        dropout: dropout probability after each hidden layer.
+        activation: ``"tanh"`` or ``"relu"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: tuple[int, ...] = (128,),
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        dropout: float = 0.0,
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if activation not in ("tanh", "relu"):
+            raise ValueError(f"`activation` must be 'tanh' or 'relu', got {activation!r}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Tanh() if activation == "tanh" else nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy(logits, y)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", self.val_accuracy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum)

@@ -1,0 +1,85 @@
+"""Observation must not perturb, and with ε = 0 every shadow is the real model, bit for bit, at every step."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, parameters_of, quiet_trainer, random_classification
+from lightning_chaos import ChaosProbe
+
+SETUPS = {
+    "dropout+momentum": dict(model={}, trainer={}),
+    "step-scheduler+clip-norm": dict(model={"scheduler": "step"}, trainer={"gradient_clip_val": 0.05}),
+    "epoch-scheduler+clip-value": dict(
+        model={"scheduler": "epoch"}, trainer={"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"}
+    ),
+    "accumulate-3": dict(model={"scheduler": "step"}, trainer={"accumulate_grad_batches": 3}),
+    "adam+accumulate-2+clip": dict(
+        model={"optimizer": "adam"}, trainer={"accumulate_grad_batches": 2, "gradient_clip_val": 0.1}
+    ),
+}
+
+
+def fit(setup, callbacks=(), max_epochs=3, **trainer_kwargs):
+    L.seed_everything(123, verbose=False)
+    model = DropoutMLP(**setup["model"])
+    # 96 samples / batch 16 = 6 batches per epoch; with accumulate 3 or 2 the last window is complete.
+    loader = DataLoader(random_classification(), batch_size=16, shuffle=True)
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=list(callbacks), **setup["trainer"], **trainer_kwargs)
+    trainer.fit(model, loader)
+    return model, trainer
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_probe_does_not_perturb_the_real_training(name):
+    reference, _ = fit(SETUPS[name])
+    probed, _ = fit(SETUPS[name], callbacks=[ChaosProbe(num_shadows=2, renormalize_every=2, log_every_n_steps=1)])
+    for a, b in zip(parameters_of(reference), parameters_of(probed)):
+        assert torch.equal(a, b)
+    # The RNG stream after training is the same too: shadows replayed dropout without consuming it.
+    fit(SETUPS[name])
+    after_plain = torch.rand(5)
+    fit(SETUPS[name], callbacks=[ChaosProbe(num_shadows=2)])
+    assert torch.equal(after_plain, torch.rand(5))
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_zero_epsilon_shadows_stay_bit_identical_every_step(name):
+    probe = ChaosProbe(epsilon=0.0, num_shadows=2, log_every_n_steps=1)
+    model, trainer = fit(SETUPS[name], callbacks=[probe])
+    expected_steps = trainer.global_step
+    assert expected_steps > 0
+    assert probe.distances.shape == (expected_steps + 1, 2)
+    assert (probe.distances == 0).all(), "a shadow left the real trajectory"
+    for shadow, optimizer in zip(probe._ensemble.shadows, probe._ensemble.optimizers):
+        for a, b in zip(model.parameters(), shadow.parameters()):
+            assert torch.equal(a, b)
+        real_state = trainer.optimizers[0].state
+        for real_p, shadow_p in zip(model.parameters(), shadow.parameters()):
+            for key, value in real_state[real_p].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(optimizer.state[shadow_p][key]))
+
+
+def test_shadows_do_not_log_into_the_users_metrics():
+    probe = ChaosProbe(num_shadows=3)
+    _, trainer = fit(SETUPS["dropout+momentum"], callbacks=[probe], max_epochs=1)
+    reference_model, reference_trainer = fit(SETUPS["dropout+momentum"], max_epochs=1)
+    assert torch.equal(trainer.callback_metrics["train_loss"], reference_trainer.callback_metrics["train_loss"])
+
+
+def test_shadows_are_independent_copies_with_their_own_state():
+    probe = ChaosProbe(num_shadows=2)
+    model, trainer = fit(SETUPS["adam+accumulate-2+clip"], callbacks=[probe], max_epochs=1)
+    real_state = trainer.optimizers[0].state
+    for optimizer in probe._ensemble.optimizers:
+        for real_p, shadow_p in zip(model.parameters(), optimizer.param_groups[0]["params"]):
+            assert shadow_p is not real_p
+            assert optimizer.state[shadow_p]["exp_avg"].data_ptr() != real_state[real_p]["exp_avg"].data_ptr()
+    # ε > 0 moved the shadows off the real trajectory, each by its own perturbation.
+    assert (probe.distances[-1] > 0).all()
+    first, second = (torch.cat([p.flatten() for p in s.parameters()]) for s in probe._ensemble.shadows)
+    assert not torch.equal(first, second)
+    # relative=True: ‖δ‖ = ε‖θ‖ exactly, for every shadow.
+    norm = torch.linalg.vector_norm(torch.cat([p.flatten() for p in DropoutMLP().parameters()]))
+    assert probe.distances[0].tolist() == pytest.approx([1e-4 * norm.item()] * 2, rel=0.05)
