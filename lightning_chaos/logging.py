@@ -6,8 +6,6 @@ when a ``TensorBoardLogger`` is present.
 """
 
 from collections.abc import Mapping
-from typing import Optional
-
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -49,14 +47,12 @@ def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
-def logger_step(trainer: Trainer) -> int:
-    """The step Lightning itself logs at (optimizer steps taken, resume-safe)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send plain-float metrics to every logger of the trainer (each logger writes on rank 0 only).
 
-
-def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-    """Send plain-float metrics to every logger of the trainer (each logger writes on rank 0 only)."""
-    step = logger_step(trainer) if step is None else step
+    ``step`` is the number t of optimizer steps taken, so d(t) is plotted at t; Lightning logs a training_step's loss
+    at t − 1, the step *before* that batch's update, which is the same moment seen from the other side.
+    """
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
 
@@ -66,9 +62,9 @@ def write_layout(trainer: Trainer) -> None:
         logger.experiment.add_custom_scalars(custom_scalars_layout())
 
 
-def write_exponent_histogram(trainer: Trainer, exponents: Tensor) -> None:
+def write_exponent_histogram(trainer: Trainer, exponents: Tensor, step: int) -> None:
     finite = exponents[torch.isfinite(exponents)]
     if finite.numel() == 0:
         return
     for logger in tensorboard_loggers(trainer):
-        logger.experiment.add_histogram(EXPONENT_HISTOGRAM, finite, global_step=logger_step(trainer))
+        logger.experiment.add_histogram(EXPONENT_HISTOGRAM, finite, global_step=step)

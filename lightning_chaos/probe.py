@@ -67,7 +67,7 @@ class ChaosProbe(Callback):
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
-        MisconfigurationException: at fit start, for manual optimisation, several optimizers or a sharded strategy.
+        MisconfigurationException: at fit start, for manual optimisation, a sharded strategy or several processes.
 
     Example::
 
@@ -244,10 +244,6 @@ class ChaosProbe(Callback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise MisconfigurationException(
-                f"ChaosProbe needs exactly one optimizer, found {len(trainer.optimizers)} in `configure_optimizers`."
-            )
         self._disabled = False
         restored, self._restored = self._restored, None
         generator = torch.Generator().manual_seed(self.seed)
@@ -313,7 +309,7 @@ class ChaosProbe(Callback):
         if self._steps % self._log_interval(trainer) != 0:
             self._log(trainer)
         exponents = self.local_exponents
-        chaos_logging.write_exponent_histogram(trainer, exponents)
+        chaos_logging.write_exponent_histogram(trainer, exponents, self._steps)
         rank_zero_info(self._summary(exponents))
 
     # -- checkpointing --------------------------------------------------------------------------------------------
@@ -447,7 +443,7 @@ class ChaosProbe(Callback):
                 if usable.any():
                     metrics[chaos_logging.LOCAL_EXPONENT] = fit.exponent[usable].mean().item()
                     metrics[chaos_logging.LOCAL_EXPONENT_R2] = fit.r2[usable].nanmean().item()
-        chaos_logging.log_metrics(trainer, metrics)
+        chaos_logging.log_metrics(trainer, metrics, self._steps)
 
     def _check_target(self, trainer: Trainer) -> None:
         if self.monitor is None or self._time_to_target is not None or trainer.sanity_checking:
@@ -465,7 +461,8 @@ class ChaosProbe(Callback):
             "seconds": self._elapsed_seconds(),
         }
         chaos_logging.log_metrics(
-            trainer, {f"{chaos_logging.TIME_TO_TARGET}/{key}": float(v) for key, v in self._time_to_target.items()}
+            trainer, {f"{chaos_logging.TIME_TO_TARGET}/{key}": float(v) for key, v in self._time_to_target.items()},
+            self._steps,
         )
         if self.stop_at_target:
             trainer.should_stop = True

@@ -1,0 +1,51 @@
+"""A run stopped and resumed from a checkpoint ends with the same d(t) and exponents as an uninterrupted run."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, quiet_trainer, random_classification
+from lightning_chaos import ChaosProbe
+
+
+def make_probe(renormalize_every):
+    return ChaosProbe(num_shadows=2, renormalize_every=renormalize_every, log_every_n_steps=1)
+
+
+def loader():
+    return DataLoader(random_classification(), batch_size=16, shuffle=False)
+
+
+def new_model():
+    L.seed_everything(3, verbose=False)
+    return DropoutMLP(dropout=0.0, optimizer="adam", scheduler="step")
+
+
+@pytest.mark.parametrize("renormalize_every", [None, 4])
+def test_resume_gives_the_same_distances_and_exponents(tmp_path, renormalize_every):
+    uninterrupted = make_probe(renormalize_every)
+    quiet_trainer(max_epochs=4, callbacks=[uninterrupted]).fit(new_model(), loader())
+
+    first_half = make_probe(renormalize_every)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[first_half])
+    trainer.fit(new_model(), loader())
+    checkpoint = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = make_probe(renormalize_every)
+    L.seed_everything(99, verbose=False)  # a different initialisation: the checkpoint must win
+    quiet_trainer(max_epochs=4, callbacks=[resumed]).fit(DropoutMLP(dropout=0.0, optimizer="adam", scheduler="step"),
+                                                         loader(), ckpt_path=checkpoint)
+
+    assert resumed.distances.shape == uninterrupted.distances.shape == (4 * 6 + 1, 2)
+    assert torch.equal(resumed.distances, uninterrupted.distances)
+    assert torch.equal(resumed.local_exponents, uninterrupted.local_exponents)
+    assert resumed.lyapunov_exponent == uninterrupted.lyapunov_exponent
+
+
+def test_state_dict_is_empty_before_fit_and_loads_back():
+    probe = ChaosProbe()
+    assert probe.state_dict() == {}
+    probe.load_state_dict({})
+    assert probe._restored is None

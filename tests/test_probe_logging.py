@@ -1,0 +1,107 @@
+"""What the probe writes reaches TensorBoard and any other logger; time-to-target is recorded and can stop training."""
+
+import csv
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, quiet_trainer, random_classification
+from lightning_chaos import ChaosProbe
+from lightning_chaos import logging as chaos_logging
+
+
+def fit(probe, logger, max_epochs=2, model=None, **kwargs):
+    L.seed_everything(0, verbose=False)
+    loader = DataLoader(random_classification(), batch_size=16, shuffle=True)
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[probe], logger=logger, **kwargs)
+    trainer.fit(model or DropoutMLP(), loader)
+    return trainer
+
+
+def test_tensorboard_event_files_hold_the_chaos_tags_layout_and_histogram(tmp_path):
+    probe = ChaosProbe(num_shadows=2, log_every_n_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    fit(probe, logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        chaos_logging.DISTANCE_MEAN,
+        chaos_logging.LOG_DISTANCE_MEAN,
+        chaos_logging.shadow_distance_tag(0),
+        chaos_logging.shadow_distance_tag(1),
+        chaos_logging.RUNNING_EXPONENT,
+        chaos_logging.RUNNING_EXPONENT_MIN,
+        chaos_logging.RUNNING_EXPONENT_MAX,
+        chaos_logging.LOCAL_EXPONENT,
+        chaos_logging.LOCAL_EXPONENT_R2,
+    }
+    assert expected <= scalars
+    # 12 optimizer steps logged every 2 steps, plus d(0) at attach: 7 points of d(t).
+    distance_points = events.Scalars(chaos_logging.DISTANCE_MEAN)
+    assert [p.step for p in distance_points] == [0, 2, 4, 6, 8, 10, 12]
+    assert distance_points[0].value == pytest.approx(probe.distances[0].mean().item(), rel=1e-6)
+    assert distance_points[-1].value == pytest.approx(probe.distances[-1].mean().item(), rel=1e-6)
+    assert chaos_logging.EXPONENT_HISTOGRAM in events.Tags()["histograms"]
+    layout_event = events.Tensors(custom_scalar_metadata.CONFIG_SUMMARY_TAG)[0]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(layout_event.tensor_proto.string_val[0])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    assert any("d(t)" in title for title in charts)
+    margin = next(chart for chart in charts.values() if chart.HasField("margin"))
+    assert margin.margin.series[0].value == chaos_logging.RUNNING_EXPONENT
+
+
+def test_csv_logger_receives_the_chaos_metrics(tmp_path):
+    probe = ChaosProbe(log_every_n_steps=3)
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(probe, logger)
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [row for row in rows if row.get(chaos_logging.DISTANCE_MEAN)]
+    assert [int(row["step"]) for row in logged] == [0, 3, 6, 9, 12]
+    assert float(logged[-1][chaos_logging.DISTANCE_MEAN]) == pytest.approx(probe.distances[-1, 0].item(), rel=1e-6)
+
+
+def test_without_a_logger_it_warns_and_keeps_results_on_the_callback():
+    probe = ChaosProbe()
+    with pytest.warns(UserWarning, match="no logger"):
+        trainer = fit(probe, logger=False)
+    assert probe.distances.shape == (trainer.global_step + 1, 1)
+
+
+class ValidatedMLP(DropoutMLP):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+
+def test_time_to_target_is_recorded_and_can_stop_training(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    probe = ChaosProbe(monitor="val_acc", target=0.5, stop_at_target=True)
+    L.seed_everything(0, verbose=False)
+    data = random_classification()
+    trainer = quiet_trainer(max_epochs=50, callbacks=[probe], logger=logger)
+    trainer.fit(ValidatedMLP(), DataLoader(data, batch_size=16, shuffle=True), DataLoader(data, batch_size=96))
+    reached = probe.time_to_target
+    assert reached is not None
+    assert trainer.callback_metrics["val_acc"] >= 0.5
+    assert trainer.current_epoch < 49  # stopped early
+    assert reached["step"] == trainer.global_step
+    assert reached["epoch"] == trainer.current_epoch - 1 or reached["epoch"] == trainer.current_epoch
+    assert reached["seconds"] > 0
+
+
+def test_time_to_target_stays_none_when_never_reached():
+    probe = ChaosProbe(monitor="val_acc", target=1.01)
+    data = random_classification()
+    L.seed_everything(0, verbose=False)
+    quiet_trainer(max_epochs=2, callbacks=[probe]).fit(
+        ValidatedMLP(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=96)
+    )
+    assert probe.time_to_target is None
