@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.distance import NORMS
-from lightning_chaos.functional.exponents import WindowFit, best_window_fit
+from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, best_window_fit
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
@@ -148,9 +148,6 @@ class ChaosProbe(Callback):
         self._steps = 0
         self._history: list[Tensor] = []  # CPU float64 blocks [n, K]
         self._pending: list[Tensor] = []  # device tensors [K], not yet moved to the host
-        self._initial_distance: Optional[Tensor] = None
-        self._previous_distance: Optional[Tensor] = None  # renormalised mode: d right after the last pull-back
-        self._log_growth_sum: Optional[Tensor] = None
         self._alive = [True] * self.num_shadows
         self._collapse_reported = False
         self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
@@ -189,14 +186,12 @@ class ChaosProbe(Callback):
     def running_exponents(self) -> Tensor:
         """Running exponent per shadow, float64 [num_shadows]: Σ ln(d/d_prev)/t renormalised, ln(d(t)/d(0))/t free."""
         self._flush()
-        if self._steps == 0 or self._initial_distance is None:
+        if self._steps == 0 or self._ensemble is None:
             return torch.full((self.num_shadows,), math.nan, dtype=torch.float64)
-        current = self._history[-1][-1]
-        if self.renormalize_every is None:
-            growth = torch.log(current / self._initial_distance.double().cpu())
-        else:
-            growth = self._log_growth_sum.double().cpu() + torch.log(current / self._previous_distance.double().cpu())
-        exponents = growth / self._steps
+        renormalized = self.renormalize_every is not None
+        pulled_back = renormalized and self._steps % self.renormalize_every == 0
+        growth = self._ensemble.log_growth(self._history[-1][-1], renormalized, pulled_back)
+        exponents = benettin_exponent(growth.detach().to("cpu", torch.float64), self._steps)
         return torch.where(torch.tensor(self._alive), exponents, torch.nan)
 
     @property
@@ -257,15 +252,10 @@ class ChaosProbe(Callback):
             shadow_states=None if restored is None else restored["shadows"],
         )
         self._reset_measurements()
-        device = pl_module.device
         if restored is None:
-            initial = self._ensemble.distances()
-            self._initial_distance = initial
-            self._previous_distance = initial.clone()
-            self._log_growth_sum = torch.zeros_like(initial)
-            self._pending.append(initial)
+            self._pending.append(self._ensemble.initial_distance)
         else:
-            self._load_measurements(restored, device)
+            self._load_measurements(restored)
         self._warn_about_precision(pl_module)
         if not trainer.loggers:
             rank_zero_warn(
@@ -321,9 +311,7 @@ class ChaosProbe(Callback):
         return {
             "steps": self._steps,
             "distances": self.distances,
-            "initial_distance": self._initial_distance.detach().cpu(),
-            "previous_distance": self._previous_distance.detach().cpu(),
-            "log_growth_sum": self._log_growth_sum.detach().cpu(),
+            "measurements": self._ensemble.measurement_state(),
             "alive": list(self._alive),
             "time_to_target": self._time_to_target,
             "elapsed_seconds": self._elapsed_seconds(),
@@ -334,12 +322,10 @@ class ChaosProbe(Callback):
         # Devices are not known yet (the module moves later): shadows are rebuilt from this at fit start.
         self._restored = state_dict or None
 
-    def _load_measurements(self, state: dict[str, Any], device: torch.device) -> None:
+    def _load_measurements(self, state: dict[str, Any]) -> None:
         self._steps = state["steps"]
         self._history = [state["distances"].to(torch.float64)]
-        self._initial_distance = state["initial_distance"].to(device)
-        self._previous_distance = state["previous_distance"].to(device)
-        self._log_growth_sum = state["log_growth_sum"].to(device)
+        self._ensemble.load_measurement_state(state["measurements"])
         self._alive = list(state["alive"])
         self._time_to_target = state["time_to_target"]
         self._elapsed_before_resume = state["elapsed_seconds"]
@@ -379,19 +365,9 @@ class ChaosProbe(Callback):
         distances = ensemble.distances()
         self._pending.append(distances)
         if self.renormalize_every is not None and self._steps % self.renormalize_every == 0:
-            self._renormalize(distances)
+            ensemble.pull_back(distances)
         if self._steps % self._log_interval(trainer) == 0:
             self._log(trainer)
-
-    def _renormalize(self, distances: Tensor) -> None:
-        ensemble = self._ensemble
-        if self.perturbation.relative:
-            target = self.epsilon * ensemble.reference_norm().to(distances.dtype).expand_as(distances)
-        else:
-            target = self._initial_distance
-        self._log_growth_sum = self._log_growth_sum + torch.log(distances / self._previous_distance)
-        ensemble.renormalize(distances, target)
-        self._previous_distance = target.clone()
 
     def _log_interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 1

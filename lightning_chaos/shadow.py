@@ -158,6 +158,10 @@ class ShadowEnsemble:
             self.shadow_params.append([shadow_named[n] for n, _ in named])
         if shadow_states is None:
             self._perturb([n for n, _ in named], generator)
+        # Benettin bookkeeping: d(0), the distance right after the last pull-back, and Σ ln(d / d_prev).
+        self.initial_distance = self.distances()
+        self.previous_distance = self.initial_distance.clone()
+        self.log_growth_sum = torch.zeros_like(self.initial_distance)
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -196,22 +200,29 @@ class ShadowEnsemble:
         accumulate_grad_batches: int,
         step_context: Callable[[], AbstractContextManager] = nullcontext,
         alive: Optional[list[bool]] = None,
-    ) -> None:
+    ) -> list[Optional[Tensor]]:
         """Each shadow's training_step and backward on ``batch`` with the RNG the real training_step saw.
 
         Mirrors Lightning's automatic optimisation: gradients are zeroed on the first micro-batch of an accumulation
         window, and the loss is divided by ``accumulate_grad_batches`` before backward.
+
+        Returns:
+            Each shadow's detached training loss (None for a retired shadow or a skipped step), on the device.
         """
         zero_grad = batch_idx % accumulate_grad_batches == 0
+        losses: list[Optional[Tensor]] = []
         for k, shadow in enumerate(self.shadows):
-            if alive is not None and not alive[k]:
-                continue
-            with _replayed_rng(rng_state, device), step_context():
-                loss = training_loss(shadow.training_step(batch, batch_idx))
-            if zero_grad:
-                self.optimizers[k].zero_grad(set_to_none=True)
-            if loss is not None:
-                (loss / accumulate_grad_batches).backward()
+            loss = None
+            if alive is None or alive[k]:
+                with _replayed_rng(rng_state, device), step_context():
+                    loss = training_loss(shadow.training_step(batch, batch_idx))
+                if zero_grad:
+                    self.optimizers[k].zero_grad(set_to_none=True)
+                if loss is not None:
+                    (loss / accumulate_grad_batches).backward()
+                    loss = loss.detach()
+            losses.append(loss)
+        return losses
 
     def optimizer_step(
         self,
@@ -240,6 +251,44 @@ class ShadowEnsemble:
     def reference_norm(self) -> Tensor:
         """‖θ‖ of the real model's trainable parameters."""
         return flat_norm(self.real_params, self.norm)
+
+    def pull_back(self, distances: Tensor) -> None:
+        """One Benettin renormalisation: add ln(d / d_prev) to the sum and pull every shadow back to d0.
+
+        d0 is ε·‖θ(t)‖ now for a relative perturbation (an absolute d0 becomes unrepresentable once θ grows or
+        shrinks by orders of magnitude), else d(0).
+        """
+        if self.perturbation.relative:
+            target = self.perturbation.epsilon * self.reference_norm().to(distances.dtype).expand_as(distances)
+        else:
+            target = self.initial_distance
+        self.log_growth_sum = self.log_growth_sum + torch.log(distances / self.previous_distance)
+        self.renormalize(distances, target)
+        self.previous_distance = target.clone()
+
+    def log_growth(self, distances: Tensor, renormalized: bool, pulled_back: bool = False) -> Tensor:
+        """Total ln-growth of each separation since attach, given the latest measured ``distances``.
+
+        Free evolution: ln(d(t) / d(0)). Renormalised: Σ ln(d / d_prev) + ln(d(t) / d_prev), where the second term is
+        already in the sum when ``distances`` were measured right before a pull-back (``pulled_back``).
+        """
+        if not renormalized:
+            return torch.log(distances / self.initial_distance.to(distances))
+        total = self.log_growth_sum.to(distances)
+        return total if pulled_back else total + torch.log(distances / self.previous_distance.to(distances))
+
+    def measurement_state(self) -> dict[str, Tensor]:
+        return {
+            "initial_distance": self.initial_distance.detach().cpu(),
+            "previous_distance": self.previous_distance.detach().cpu(),
+            "log_growth_sum": self.log_growth_sum.detach().cpu(),
+        }
+
+    def load_measurement_state(self, state: dict[str, Tensor]) -> None:
+        device = self.initial_distance.device
+        self.initial_distance = state["initial_distance"].to(device)
+        self.previous_distance = state["previous_distance"].to(device)
+        self.log_growth_sum = state["log_growth_sum"].to(device)
 
     @torch.no_grad()
     def renormalize(self, distances: Tensor, target: Tensor) -> None:
