@@ -5,8 +5,9 @@ separate: d(t), local and running Lyapunov exponents, time-to-accuracy.
 """
 
 from lightning_chaos import functional
+from lightning_chaos.finder import ChaosLRFinder, ChaosLRFinderResult, find_chaos_lr
 from lightning_chaos.probe import ChaosProbe
 
 __version__ = "0.1.0"
 
-__all__ = ["ChaosProbe", "functional", "__version__"]
+__all__ = ["ChaosLRFinder", "ChaosLRFinderResult", "ChaosProbe", "find_chaos_lr", "functional", "__version__"]

@@ -68,3 +68,22 @@ def write_exponent_histogram(trainer: Trainer, exponents: Tensor, step: int) -> 
         return
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_histogram(EXPONENT_HISTOGRAM, finite, global_step=step)
+
+
+FINDER_PREFIX = "chaos_lr_finder"
+
+
+def write_finder_result(logger: TensorBoardLogger, result) -> None:
+    """The finder's figure under Images and Λ(η), ρ(η) as scalars indexed by grid position (η logged beside)."""
+    writer = logger.experiment
+    for index, (lr, exponent, fraction) in enumerate(
+        zip(result.lrs.tolist(), result.exponents.tolist(), result.sensitive_fraction.tolist())
+    ):
+        writer.add_scalar(f"{FINDER_PREFIX}/lr", lr, index)
+        writer.add_scalar(f"{FINDER_PREFIX}/exponent", exponent, index)
+        writer.add_scalar(f"{FINDER_PREFIX}/sensitive_fraction", fraction, index)
+    try:
+        figure = result.plot()
+    except ImportError:  # matplotlib is optional
+        return
+    writer.add_figure(f"{FINDER_PREFIX}/sweep", figure, close=True)

@@ -1,0 +1,503 @@
+"""ChaosLRFinder: choose the learning rate at the edge of chaos, on clones, without taking over the fit loop."""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.tuner.lr_finder import _determine_lr_attr_name
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, _TunerExitException
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_chaos import logging as chaos_logging
+from lightning_chaos.functional.exponents import benettin_exponent
+from lightning_chaos.functional.onset import ONSET_RULES, chaotic_mask, edge_of_chaos_suggestion
+from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module
+
+# A reference run "learns" when its mean loss over the last quarter of the window is below this share of the mean loss
+# of its first steps; it "diverged" when the loss turns non-finite or exceeds this many times its first loss.
+_LEARNING_LOSS_RATIO = 0.95
+_DIVERGENCE_LOSS_FACTOR = 10.0
+_DIVERGENCE_CHECK_EVERY = 10
+
+
+@dataclass
+class ChaosLRFinderResult:
+    """The evidence of a chaos LR sweep. Every per-η tensor follows ``lrs`` (increasing).
+
+    Attributes:
+        lrs: the swept learning rates η (the coarse grid plus any refinement around the onset).
+        exponents: Λ(η), mean over initialisations, per optimizer step.
+        sensitive_fraction: ρ(η), the fraction of initialisations that are chaotic by the onset rule.
+        learning: whether the reference run still learned at η (loss went down, no divergence), by majority.
+        suggestion: the suggested learning rate, or None (see the warning it came with).
+        onset: η*, the first η with ρ ≥ 0.5, or None.
+        exponents_per_init: Λ per η and initialisation, [num_lrs, num_inits].
+        loss_ratio: mean loss of the last quarter of the window over the mean loss of its first steps, per η.
+        steps_per_lr: optimizer steps each Λ was measured over.
+        rule: the onset rule used.
+        reason: why there is no suggestion ("" when there is one).
+    """
+
+    lrs: Tensor
+    exponents: Tensor
+    sensitive_fraction: Tensor
+    learning: Tensor
+    suggestion: Optional[float]
+    onset: Optional[float] = None
+    exponents_per_init: Tensor = field(default_factory=lambda: torch.empty(0))
+    loss_ratio: Tensor = field(default_factory=lambda: torch.empty(0))
+    steps_per_lr: int = 0
+    rule: str = "efold"
+    reason: str = ""
+    seconds: float = 0.0
+
+    def plot(self, ax: Any = None) -> Any:
+        """Λ(η) with ρ(η) and the loss ratio, the onset and the suggestion marked. Returns a matplotlib Figure.
+
+        Needs matplotlib (``pip install 'lightning-chaos[examples]'``); draws without a display.
+        """
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(7, 4.2))
+        else:
+            fig = ax.figure
+        lrs = self.lrs.numpy()
+        learning = self.learning.numpy()
+        exponents = self.exponents.numpy()
+        ax.plot(lrs, exponents, "-", color="tab:blue", label="Λ(η), mean over inits")
+        ax.plot(lrs[learning], exponents[learning], "o", color="tab:blue", label="still learning")
+        ax.plot(lrs[~learning], exponents[~learning], "x", color="tab:red", label="not learning / diverged")
+        if self.exponents_per_init.numel() and self.exponents_per_init.shape[1] > 1:
+            for column in self.exponents_per_init.T.numpy():
+                ax.plot(lrs, column, ".", color="tab:blue", alpha=0.3)
+        if self.rule == "efold" and self.steps_per_lr:
+            ax.axhline(1.0 / self.steps_per_lr, color="gray", ls=":", label="1 e-fold over the window")
+        ax.axhline(0.0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate η")
+        ax.set_ylabel("Lyapunov exponent Λ (per step)")
+        twin = ax.twinx()
+        twin.plot(lrs, self.sensitive_fraction.numpy(), "s--", color="tab:orange", ms=3, label="ρ(η)")
+        twin.set_ylim(-0.05, 1.05)
+        twin.set_ylabel("ρ: fraction chaotic", color="tab:orange")
+        if self.onset is not None:
+            ax.axvline(self.onset, color="tab:orange", ls="--", lw=1, label=f"onset η* = {self.onset:.3g}")
+        if self.suggestion is not None:
+            ax.axvline(self.suggestion, color="tab:green", lw=2, label=f"suggestion {self.suggestion:.3g}")
+        ax.legend(loc="upper left", fontsize=7)
+        ax.set_title("Edge of chaos: Λ(η) along the sweep")
+        fig.tight_layout()
+        return fig
+
+
+class ChaosLRFinder(Callback):
+    r"""Find the learning rate at the edge of chaos and set it, before training starts.
+
+    For each η of a geometric grid from ``min_lr`` to ``max_lr``, a reference copy of the model and ε-perturbed
+    shadows train for ``steps_per_lr`` optimizer steps on the same batches (the first batches of the trainer's
+    training data, with the same dropout masks for every η), with the user's optimizer class and hyperparameters and
+    only the learning rate changed, through the user's ``training_step`` (the lockstep engine of
+    :class:`~lightning_chaos.ChaosProbe`). Renormalised two-trajectory exponents Λ(η) tell where the trajectory
+    turns sensitive to initial conditions; the reference's loss tells whether the network still learns there.
+
+    The onset η* is the first η at which at least half of the initialisations are chaotic by ``rule`` (see
+    :func:`~lightning_chaos.functional.onset.chaotic_mask`); the grid is refined with ``refine`` points just below
+    it. The suggestion is η* / ``margin``: the edge of chaos approached from the ordered side. When the grid never
+    reaches chaos, or chaos appears only where learning has already failed, there is no suggestion and a warning says
+    what to widen.
+
+    Everything runs on clones in the finder's own loop: afterwards the model's weights, the optimizer's state, the RNG
+    state and the trainer's state are what they were, apart from the learning rate it sets, which is written like
+    Lightning's ``LearningRateFinder`` does: into ``lr``/``learning_rate`` (or ``attr_name``) of the model, its
+    hparams or the datamodule, and into the optimizer's param groups (scaling every group by the same factor).
+
+    Args:
+        min_lr: smallest η of the grid (> 0).
+        max_lr: largest η of the grid (> min_lr).
+        num_lrs: points of the geometric grid (≥ 3).
+        steps_per_lr: optimizer steps per η (≥ 10). Longer windows separate neutral from chaotic better.
+        num_inits: initialisations per η (≥ 1); the first is the model as given, the others are drawn by the
+            model's own ``reset_parameters`` (of the LightningModule if it has one, else of every submodule).
+        num_shadows: perturbed copies per initialisation (≥ 1).
+        epsilon: relative size of the perturbation, ‖δ‖ = ε‖θ‖.
+        renormalize_every: pull-back period of the Benettin estimate, in steps.
+        rule: onset rule, ``"efold"`` (default), ``"baseline"`` or ``"positive"``.
+        margin: factor ≥ 1 to step back below the onset. The default 2 comes from the measurements in
+            benchmarks/RESULTS.md (the fastest η sat a factor 1.5 to 3 below the rise).
+        refine: extra grid points between the last ordered η and the onset (0 to skip).
+        attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
+        update_attr: write the suggestion into the model and the optimizer.
+        seed: seed of the perturbations, the re-initialisations and the sweep's dropout masks.
+
+    Raises:
+        ValueError: at construction, for an argument out of its range (the message names it).
+        MisconfigurationException: before any training, for manual optimisation or several optimizers.
+        AttributeError: before any training, when no learning-rate attribute is found (with ``update_attr``).
+
+    Example::
+
+        from lightning_chaos import ChaosLRFinder
+
+        finder = ChaosLRFinder(min_lr=1e-3, max_lr=10)
+        trainer = Trainer(max_epochs=10, callbacks=[finder])
+        trainer.fit(model, datamodule=dm)      # sweeps first, then trains at the suggestion
+        finder.result.suggestion
+        finder.result.plot().savefig("chaos_lr.png")
+    """
+
+    def __init__(
+        self,
+        min_lr: float = 1e-4,
+        max_lr: float = 10.0,
+        num_lrs: int = 11,
+        steps_per_lr: int = 100,
+        num_inits: int = 1,
+        num_shadows: int = 1,
+        epsilon: float = 1e-4,
+        renormalize_every: int = 5,
+        rule: str = "efold",
+        margin: float = 2.0,
+        refine: int = 4,
+        attr_name: str = "",
+        update_attr: bool = True,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("min_lr", min_lr), ("max_lr", max_lr), ("epsilon", epsilon)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+        if min_lr >= max_lr:
+            raise ValueError(f"`min_lr` ({min_lr}) must be smaller than `max_lr` ({max_lr})")
+        for name, value, least in (
+            ("num_lrs", num_lrs, 3),
+            ("steps_per_lr", steps_per_lr, 10),
+            ("num_inits", num_inits, 1),
+            ("num_shadows", num_shadows, 1),
+            ("renormalize_every", renormalize_every, 1),
+            ("refine", refine, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}")
+        if rule not in ONSET_RULES:
+            raise ValueError(f"`rule` must be one of {ONSET_RULES}, got {rule!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1:
+            raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
+        self.min_lr = float(min_lr)
+        self.max_lr = float(max_lr)
+        self.num_lrs = num_lrs
+        self.steps_per_lr = steps_per_lr
+        self.num_inits = num_inits
+        self.num_shadows = num_shadows
+        self.epsilon = float(epsilon)
+        self.renormalize_every = renormalize_every
+        self.rule = rule
+        self.margin = float(margin)
+        self.refine = refine
+        self.attr_name = attr_name
+        self.update_attr = update_attr
+        self.seed = seed
+        self.result: Optional[ChaosLRFinderResult] = None
+        self._early_exit = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.find(trainer, pl_module)
+        if self._early_exit:
+            raise _TunerExitException()
+
+    def find(self, trainer: Trainer, pl_module: LightningModule) -> ChaosLRFinderResult:
+        """Run the sweep on clones, store and return the result, and set the suggestion (with ``update_attr``)."""
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException("ChaosLRFinder supports automatic optimization only (manual found).")
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationException(
+                f"ChaosLRFinder needs exactly one optimizer, found {len(trainer.optimizers)}."
+            )
+        attr_name = self._lr_attribute(pl_module) if self.update_attr else self.attr_name
+        optimizer = trainer.optimizers[0]
+        base_lr = float(lightning_getattr(pl_module, attr_name)) if attr_name else optimizer.param_groups[0]["lr"]
+        started = time.monotonic()
+        with isolate_rng():
+            result = self._sweep(trainer, pl_module, base_lr)
+        result.seconds = time.monotonic() - started
+        result = trainer.strategy.broadcast(result, src=0)  # every rank ends with rank 0's suggestion
+        self.result = result
+        if result.suggestion is None:
+            rank_zero_warn(f"ChaosLRFinder found no suggestion: {result.reason}.")
+        elif self.update_attr:
+            self._apply(trainer, pl_module, attr_name, result.suggestion, base_lr)
+        self._report(trainer, result)
+        return result
+
+    # -- the sweep ------------------------------------------------------------------------------------------------
+
+    def _sweep(self, trainer: Trainer, pl_module: LightningModule, base_lr: float) -> ChaosLRFinderResult:
+        batches = self._collect_batches(trainer, pl_module)
+        inits = self._initial_states(pl_module)
+        coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
+        runs: dict[float, list[tuple[float, float, bool]]] = {}
+        progress = self._progress(trainer, self.num_lrs * len(inits))
+        self._run_grid(trainer, pl_module, coarse.tolist(), inits, batches, base_lr, runs, progress)
+        result = self._summarise(runs)
+        if self.refine and result.onset is not None and result.onset > result.lrs[0].item():
+            below = result.lrs[result.lrs < result.onset][-1].item()
+            fine = torch.logspace(math.log10(below), math.log10(result.onset), self.refine + 2, dtype=torch.float64)
+            extra = [lr for lr in fine[1:-1].tolist() if lr not in runs]
+            if progress is not None:
+                progress.total += len(extra) * len(inits)
+            self._run_grid(trainer, pl_module, extra, inits, batches, base_lr, runs, progress)
+            result = self._summarise(runs)
+        if progress is not None:
+            progress.close()
+        return result
+
+    def _run_grid(self, trainer, pl_module, lrs, inits, batches, base_lr, runs, progress) -> None:
+        for lr in lrs:
+            runs[lr] = []
+            for init_state in inits:
+                runs[lr].append(self._run_candidate(trainer, pl_module, init_state, lr / base_lr, batches))
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(lr=f"{lr:.3g}")
+
+    def _run_candidate(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        init_state: Optional[dict[str, Tensor]],
+        lr_scale: float,
+        batches: list[Any],
+    ) -> tuple[float, float, bool]:
+        """Train a reference and its shadows at one η; return (Λ, loss ratio, still learning)."""
+        device = pl_module.device
+        optimizer = trainer.optimizers[0]
+        reference = ShadowEnsemble(pl_module, optimizer, 1, Perturbation(0.0))
+        if init_state is not None:
+            reference.shadows[0].load_state_dict(init_state)
+        reference_optimizer = reference.optimizers[0]
+        reference_optimizer.state.clear()  # the sweep starts every η from a fresh optimizer
+        for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
+            group["lr"] = template["lr"] * lr_scale
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in reference_optimizer.param_groups]
+        generator = torch.Generator().manual_seed(self.seed)
+        shadows = ShadowEnsemble(
+            reference.shadows[0],
+            reference_optimizer,
+            self.num_shadows,
+            Perturbation(self.epsilon, relative=True, perturb_biases=True),
+            generator=generator,
+        )
+        step_context = trainer.precision_plugin.train_step_context
+        losses: list[Tensor] = []
+        steps = 0
+        transient = torch.zeros(self.num_shadows, device=device)
+        for batch_idx, batch in enumerate(batches):
+            torch.manual_seed(self.seed + batch_idx)  # new dropout masks each step, the same for every η
+            rng_state = capture_rng_state(device)
+            loss = reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
+            shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
+            reference.optimizer_step(hyperparameters, self._clipper(trainer, reference))
+            shadows.optimizer_step(hyperparameters, self._clipper(trainer, shadows))
+            steps += 1
+            distances = shadows.distances()
+            if steps % self.renormalize_every == 0:
+                shadows.pull_back(distances)
+                if steps == self.renormalize_every:  # the first period aligns the separation: leave it out
+                    transient = shadows.log_growth_sum.clone()
+            if loss is not None:
+                losses.append(loss)
+            if steps % _DIVERGENCE_CHECK_EVERY == 0 and losses and self._diverged(losses):
+                break
+        pulled_back = steps % self.renormalize_every == 0
+        growth = shadows.log_growth(distances, renormalized=True, pulled_back=pulled_back)
+        if steps > self.renormalize_every:
+            growth, measured = growth - transient.to(growth), steps - self.renormalize_every
+        else:
+            measured = steps
+        exponent = benettin_exponent(growth.double().cpu(), measured).nanmean().item()
+        loss_values = torch.stack(losses).double().cpu() if losses else torch.tensor([math.nan])
+        head = loss_values[: max(1, min(3, len(loss_values)))].mean()
+        tail = loss_values[-max(1, len(loss_values) // 4) :].mean()
+        ratio = (tail / head).item()
+        diverged = steps < len(batches) or not torch.isfinite(loss_values).all()
+        learning = not diverged and ratio < _LEARNING_LOSS_RATIO
+        return exponent, ratio, learning
+
+    @staticmethod
+    def _diverged(losses: list[Tensor]) -> bool:
+        first, last = losses[0].item(), losses[-1].item()
+        return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
+
+    @staticmethod
+    def _clipper(trainer: Trainer, ensemble: ShadowEnsemble):
+        if not trainer.gradient_clip_val:
+            return None
+
+        def clip(optimizer: torch.optim.Optimizer) -> None:
+            module = ensemble.shadows[ensemble.optimizers.index(optimizer)]
+            module.configure_gradient_clipping(
+                optimizer,
+                gradient_clip_val=trainer.gradient_clip_val,
+                gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+            )
+
+        return clip
+
+    def _summarise(self, runs: dict[float, list[tuple[float, float, bool]]]) -> ChaosLRFinderResult:
+        lrs = sorted(runs)
+        table = torch.tensor([[run[0] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
+        ratios = torch.tensor([[run[1] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
+        learned = torch.tensor([[run[2] for run in runs[lr]] for lr in lrs])
+        chaotic = chaotic_mask(table, self.steps_per_lr, rule=self.rule)
+        sensitive_fraction = chaotic.double().mean(1)
+        learning = learned.double().mean(1) >= 0.5
+        lr_tensor = torch.tensor(lrs, dtype=torch.float64)
+        exponents = table.nanmean(1)
+        suggestion, onset, reason = edge_of_chaos_suggestion(
+            lr_tensor, sensitive_fraction, learning, exponents, self.margin
+        )
+        return ChaosLRFinderResult(
+            lrs=lr_tensor,
+            exponents=exponents,
+            sensitive_fraction=sensitive_fraction,
+            learning=learning,
+            suggestion=suggestion,
+            onset=onset,
+            exponents_per_init=table,
+            loss_ratio=ratios.nanmean(1),
+            steps_per_lr=self.steps_per_lr,
+            rule=self.rule,
+            reason=reason,
+        )
+
+    # -- data, initialisations, LR attribute ------------------------------------------------------------------------
+
+    def _collect_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
+        """The first ``steps_per_lr`` training batches, on the device, cycling through the data if it is shorter.
+
+        The loader comes straight from the data source (the user's ``train_dataloader``), not from the fit loop:
+        setting the fit loop's data up here would move its RNG draws inside the sweep's isolated RNG.
+        """
+        loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), mode="max_size_cycle")
+        batches: list[Any] = []
+        while len(batches) < self.steps_per_lr:
+            before = len(batches)
+            for batch in _batches_of(loader):
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+                batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
+                if len(batches) == self.steps_per_lr:
+                    break
+            if len(batches) == before:
+                raise MisconfigurationException("ChaosLRFinder: the training dataloader yielded no batch.")
+        return batches
+
+    def _initial_states(self, pl_module: LightningModule) -> list[Optional[dict[str, Tensor]]]:
+        states: list[Optional[dict[str, Tensor]]] = [None]  # None: the model as given
+        if self.num_inits == 1:
+            return states
+        scratch = make_shadow_module(pl_module)
+        for index in range(1, self.num_inits):
+            torch.manual_seed(self.seed + 1000 + index)
+            if callable(getattr(scratch, "reset_parameters", None)):
+                scratch.reset_parameters()
+            else:
+                for module in scratch.modules():
+                    if module is not scratch and callable(getattr(module, "reset_parameters", None)):
+                        module.reset_parameters()
+            states.append({k: v.clone() for k, v in scratch.state_dict().items()})
+        return states
+
+    def _lr_attribute(self, pl_module: LightningModule) -> str:
+        try:
+            return _determine_lr_attr_name(pl_module, self.attr_name)
+        except AttributeError as error:
+            looked = f"`{self.attr_name}`" if self.attr_name else "`lr` and `learning_rate`"
+            raise AttributeError(
+                f"ChaosLRFinder: no learning-rate attribute found; it looked for {looked} on the LightningModule, its"
+                " `hparams` and the datamodule. Pass `attr_name=` with the attribute your `configure_optimizers`"
+                " reads, or `update_attr=False` to only measure."
+            ) from error
+
+    @staticmethod
+    def _apply(trainer: Trainer, pl_module: LightningModule, attr_name: str, lr: float, base_lr: float) -> None:
+        lightning_setattr(pl_module, attr_name, lr)
+        scale = lr / base_lr
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * scale
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [base * scale for base in config.scheduler.base_lrs]
+
+    @staticmethod
+    def _progress(trainer: Trainer, total: int):
+        if not trainer.is_global_zero or trainer.progress_bar_callback is None:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="ChaosLRFinder sweep", leave=False)
+
+    @staticmethod
+    def _report(trainer: Trainer, result: ChaosLRFinderResult) -> None:
+        if result.suggestion is not None:
+            rank_zero_info(
+                f"ChaosLRFinder: onset of chaos at lr={result.onset:.3g}; suggested lr={result.suggestion:.3g}"
+                f" ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
+            )
+        if not trainer.is_global_zero:
+            return
+        for logger in chaos_logging.tensorboard_loggers(trainer):
+            chaos_logging.write_finder_result(logger, result)
+
+
+def _batches_of(loader: CombinedLoader):
+    iter(loader)
+    for batch, _, _ in loader:
+        yield batch
+
+
+def find_chaos_lr(
+    trainer: Trainer,
+    model: LightningModule,
+    train_dataloaders: Optional[Union[DataLoader, Any]] = None,
+    val_dataloaders: Optional[Union[DataLoader, Any]] = None,
+    datamodule: Optional[LightningDataModule] = None,
+    **finder_kwargs: Any,
+) -> ChaosLRFinderResult:
+    """Run a :class:`ChaosLRFinder` sweep on ``model`` with ``trainer``'s settings, without training it.
+
+    The data arguments are those of ``Tuner.lr_find``. With ``update_attr=True`` (default) the suggestion is written
+    into the model's (or its hparams' or datamodule's) learning-rate attribute, so a following ``trainer.fit(model)``
+    trains at it. The model's weights and the RNG state are left as they were.
+
+    Returns:
+        The :class:`ChaosLRFinderResult` (also ``result.plot()`` for the figure).
+
+    Example::
+
+        result = find_chaos_lr(Trainer(max_epochs=10), model, datamodule=dm, max_lr=5.0)
+        print(result.suggestion, model.lr)
+    """
+    finder = ChaosLRFinder(**finder_kwargs)
+    finder._early_exit = True
+    trainer.callbacks = [*trainer.callbacks, finder]
+    try:
+        trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)
+    finally:
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not finder]
+    if finder.result is None:  # pragma: no cover - fit ended before on_fit_start
+        raise RuntimeError("find_chaos_lr: the sweep did not run")
+    return finder.result

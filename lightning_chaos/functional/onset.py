@@ -1,0 +1,129 @@
+"""Onset of chaos along a learning-rate sweep: which η are chaotic, where chaos begins, and what to suggest."""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+ONSET_RULES = ("efold", "baseline", "positive")
+
+
+def chaotic_mask(
+    exponents: Tensor,
+    steps: int,
+    rule: str = "efold",
+    efolds: float = 1.0,
+    baseline_factor: float = 10.0,
+    baseline_points: int = 3,
+) -> Tensor:
+    """Which runs are chaotic, by an onset rule, from exponents Λ measured over ``steps`` optimizer steps.
+
+    Rules:
+
+    * ``"efold"`` (default): Λ·steps ≥ ``efolds``: the separation grew by at least e^efolds within the probe window.
+      Minibatch SGD has a small near-neutral positive exponent (about 1e-4 to 1e-3 per step on small MLPs) across its
+      whole stable range, which this rule ignores for probe windows of a few hundred steps, while the rise near
+      divergence (1e-2 to 1e-1 per step) crosses it. The threshold scales with the window: a 100-step window needs
+      Λ ≥ 0.01 per step.
+    * ``"baseline"``: Λ ≥ ``baseline_factor`` × the neutral level, the median |Λ| of the ``baseline_points``
+      smallest η of the sweep (their first axis). For sweeps whose windows are too long for the e-fold rule.
+    * ``"positive"``: Λ > 0, the seed papers' definition, meaningful for full-batch GD from their N(0, 1)
+      initialisation, where Λ(η) changes sign; under minibatch noise nearly every η is "positive".
+
+    Non-finite exponents (a diverged shadow) count as chaotic when +inf or NaN-from-divergence is not
+    distinguishable; callers flag diverged references separately.
+
+    Args:
+        exponents: Λ, shape [num_lrs] or [num_lrs, num_inits], first axis ordered by increasing η.
+        steps: optimizer steps each Λ was measured over.
+        rule: one of ``"efold"``, ``"baseline"``, ``"positive"``.
+        efolds: e-foldings for ``"efold"``.
+        baseline_factor: factor over the neutral level for ``"baseline"``.
+        baseline_points: how many of the smallest η define the neutral level.
+
+    Returns:
+        A bool tensor shaped like ``exponents``.
+
+    Raises:
+        ValueError: for an unknown rule or non-positive parameters.
+    """
+    if rule not in ONSET_RULES:
+        raise ValueError(f"`rule` must be one of {ONSET_RULES}, got {rule!r}")
+    if steps <= 0:
+        raise ValueError(f"`steps` must be positive, got {steps}")
+    exponents = torch.as_tensor(exponents, dtype=torch.float64)
+    diverged = torch.isnan(exponents) | (exponents == math.inf)
+    if rule == "positive":
+        chaotic = exponents > 0
+    elif rule == "efold":
+        if efolds <= 0:
+            raise ValueError(f"`efolds` must be positive, got {efolds}")
+        chaotic = exponents * steps >= efolds
+    else:
+        if baseline_factor <= 1 or baseline_points < 1:
+            raise ValueError("`baseline_factor` must exceed 1 and `baseline_points` be at least 1")
+        reference = exponents[:baseline_points].abs()
+        neutral = reference[torch.isfinite(reference)].median() if torch.isfinite(reference).any() else torch.tensor(0.0)
+        chaotic = exponents >= baseline_factor * max(neutral.item(), 1e-12)
+    return chaotic | diverged
+
+
+def onset_index(sensitive_fraction: Tensor, min_fraction: float = 0.5) -> Optional[int]:
+    """Index of the first η (in increasing order) whose fraction ρ of chaotic runs reaches ``min_fraction``."""
+    hits = (torch.as_tensor(sensitive_fraction) >= min_fraction).nonzero()
+    return None if hits.numel() == 0 else int(hits[0, 0])
+
+
+def edge_of_chaos_suggestion(
+    lrs: Tensor,
+    sensitive_fraction: Tensor,
+    learning: Tensor,
+    exponents: Tensor,
+    margin: float = 2.0,
+    min_fraction: float = 0.5,
+) -> tuple[Optional[float], Optional[float], str]:
+    """The learning rate at the edge of chaos approached from the ordered side: onset η* divided by ``margin``.
+
+    η* is the first η whose fraction of chaotic runs ρ reaches ``min_fraction``. There is an edge to approach when
+    the network still learns at η* (chaos while learning, the seed paper's band), or when it learns just below η*
+    with a positive exponent there: the trajectory is already sensitive while learning, and the edge lies between
+    the two grid points. When every learning η contracts (Λ ≤ 0) and chaos begins only where learning fails, as for
+    gradient descent on a quadratic, there is no edge to use and the answer is None.
+
+    The suggestion is η* / margin: it steps back from the rise, where training is sensitive enough to explore but not
+    yet slowed by it; the default margin comes from the measurements in benchmarks/RESULTS.md.
+
+    Args:
+        lrs: the swept η, increasing.
+        sensitive_fraction: ρ(η).
+        learning: whether the reference run still learned at each η.
+        exponents: Λ(η), mean over initialisations.
+        margin: factor ≥ 1 to step back below the onset.
+        min_fraction: ρ that marks the onset.
+
+    Returns:
+        ``(suggestion, onset, reason)``: None for both when no usable onset exists, with ``reason`` saying what to
+        widen or why; ``reason`` is empty on success.
+    """
+    lrs = torch.as_tensor(lrs, dtype=torch.float64)
+    learning = torch.as_tensor(learning, dtype=torch.bool)
+    index = onset_index(sensitive_fraction, min_fraction)
+    if index is None:
+        return None, None, (
+            f"no learning rate up to max_lr={lrs[-1].item():.3g} was chaotic: widen the grid with a larger `max_lr`"
+        )
+    onset = lrs[index].item()
+    if index == 0:
+        return None, onset, (
+            f"training is already chaotic at min_lr={onset:.3g}: lower `min_lr` to see the ordered side"
+        )
+    exponents = torch.as_tensor(exponents, dtype=torch.float64)
+    sensitive_below = bool(learning[index - 1]) and bool(exponents[index - 1] > 0)
+    if not learning[index] and not sensitive_below:
+        return None, onset, (
+            f"chaos appears at lr={onset:.3g} only where learning has already failed (loss did not decrease):"
+            " this model has no learning chaotic band in the grid; pick a learning rate below it, or more"
+            " `steps_per_lr` if learning is slow"
+        )
+    return onset / margin, onset, ""

@@ -1,0 +1,171 @@
+"""ChaosLRFinder: exact exponents on the quadratic, no side effects, a sensible suggestion on real digits."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
+from lightning_chaos import ChaosLRFinder, find_chaos_lr
+from lightning_chaos.functional.onset import chaotic_mask, edge_of_chaos_suggestion, onset_index
+
+EIGENVALUES = (1.0, 2.0, 3.0)
+
+
+def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made():
+    model = Quadratic(EIGENVALUES, lr=0.1)
+    before = model.weight.detach().clone()
+    with pytest.warns(UserWarning, match="only where learning has already failed"):
+        result = find_chaos_lr(
+            quiet_trainer(max_steps=10, precision="64-true"),
+            model,
+            train_dataloaders=dummy_loader(10),
+            min_lr=0.01,
+            max_lr=2.0,
+            num_lrs=12,
+            steps_per_lr=200,
+        )
+    exact = torch.tensor([math.log(max(abs(1 - lr * a) for a in EIGENVALUES)) for lr in result.lrs.tolist()])
+    tolerance = torch.maximum(0.02 * exact.abs(), torch.full_like(exact, 0.01))
+    assert ((result.exponents - exact).abs() <= tolerance).all(), (result.exponents, exact)
+    # On the quadratic, Λ > 0 exactly where gradient descent stops learning (η > 2/3).
+    assert result.learning.tolist() == (result.lrs < 2 / 3).tolist()
+    assert result.suggestion is None and result.onset is not None
+    assert torch.equal(model.weight, before)
+    assert model.lr == 0.1
+
+
+def _fit_dropout_mlp(callbacks, max_epochs=2):
+    L.seed_everything(11, verbose=False)
+    model = DropoutMLP()
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks)
+    trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+    return model, trainer
+
+
+def test_sweep_leaves_model_optimizer_rng_and_data_order_untouched():
+    reference, _ = _fit_dropout_mlp([])
+    rng_after_reference = torch.get_rng_state()
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=5.0, num_lrs=4, steps_per_lr=12, refine=0, update_attr=False)
+    swept, trainer = _fit_dropout_mlp([finder])
+    assert finder.result is not None and len(finder.result.lrs) == 4
+    for a, b in zip(parameters_of(reference), parameters_of(swept)):
+        assert torch.equal(a, b)
+    assert torch.equal(rng_after_reference, torch.get_rng_state())
+
+
+class RecordLR(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+
+
+def test_callback_sets_the_suggestion_on_model_and_optimizer():
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=15, refine=1)
+    record = RecordLR()
+    model, trainer = _fit_dropout_mlp([finder, record], max_epochs=1)
+    suggestion = finder.result.suggestion
+    assert suggestion is not None
+    assert model.lr == suggestion
+    assert record.lrs == [pytest.approx(suggestion)]
+
+
+def test_find_chaos_lr_writes_the_attribute_and_leaves_the_trainer_ready():
+    L.seed_everything(5, verbose=False)
+    model = DropoutMLP(dropout=0.0)
+    before = parameters_of(model)
+    rng = torch.get_rng_state()
+    trainer = quiet_trainer(max_epochs=1)
+    loader = DataLoader(random_classification(), batch_size=16, shuffle=True)
+    result = find_chaos_lr(trainer, model, train_dataloaders=loader, min_lr=0.01, max_lr=100.0, num_lrs=5,
+                           steps_per_lr=15, refine=0)
+    assert result.suggestion is not None and model.lr == result.suggestion
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters_of(model)))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert trainer.global_step == 0
+    assert not any(isinstance(cb, ChaosLRFinder) for cb in trainer.callbacks)
+    trainer.fit(model, loader)  # the same trainer then trains at the suggestion
+    assert trainer.global_step == 6
+
+
+def test_digits_suggestion_lies_between_stable_and_divergent_learning_rates():
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(hidden=(64,), lr=0.1)
+    result = find_chaos_lr(quiet_trainer(max_epochs=1), model, datamodule=DigitsDataModule(batch_size=64),
+                           min_lr=0.01, max_lr=20.0, num_lrs=6, steps_per_lr=60, refine=2)
+    assert result.suggestion is not None
+    stable = result.lrs[result.learning & (result.exponents * result.steps_per_lr < 1)]
+    divergent = result.lrs[~result.learning & (result.lrs > result.suggestion)]
+    assert len(stable) and len(divergent)
+    assert stable.min() < result.suggestion < divergent.min()
+    assert result.learning[result.lrs <= result.suggestion][-1]
+
+
+def test_plot_draws_without_a_display():
+    pytest.importorskip("matplotlib")
+    result = find_chaos_lr(quiet_trainer(max_steps=5, precision="64-true"), Quadratic(EIGENVALUES, 0.1),
+                           train_dataloaders=dummy_loader(5), min_lr=0.1, max_lr=2.0, num_lrs=4, steps_per_lr=20,
+                           refine=0, update_attr=False)
+    figure = result.plot()
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    assert len(ax.lines) >= 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"min_lr": 1.0, "max_lr": 0.1}, "min_lr"),
+        ({"min_lr": 0.0}, "min_lr"),
+        ({"max_lr": -1.0}, "max_lr"),
+        ({"num_lrs": 2}, "num_lrs"),
+        ({"steps_per_lr": 3}, "steps_per_lr"),
+        ({"num_inits": 0}, "num_inits"),
+        ({"rule": "vibes"}, "rule"),
+        ({"margin": 0.5}, "margin"),
+        ({"epsilon": 0.0}, "epsilon"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        ChaosLRFinder(**kwargs)
+
+
+class NoLRAttribute(Quadratic):
+    def __init__(self):
+        super().__init__(EIGENVALUES, 0.1)
+        del self.lr
+        self.step_size = 0.1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.step_size)
+
+
+def test_missing_lr_attribute_is_reported_before_any_training():
+    model = NoLRAttribute()
+    with pytest.raises(AttributeError, match="attr_name"):
+        find_chaos_lr(quiet_trainer(max_steps=5), model, train_dataloaders=dummy_loader(5))
+    result = find_chaos_lr(quiet_trainer(max_steps=5, precision="64-true"), model, train_dataloaders=dummy_loader(5),
+                           attr_name="step_size", min_lr=0.01, max_lr=0.5, num_lrs=3, steps_per_lr=10, refine=0)
+    assert len(result.lrs) == 3
+
+
+def test_onset_rules_on_hand_made_sweeps():
+    exponents = torch.tensor([1e-5, 2e-4, 1e-3, 5e-3, 0.05, math.nan])
+    assert chaotic_mask(exponents, steps=100).tolist() == [False, False, False, False, True, True]
+    assert chaotic_mask(exponents, steps=100, rule="positive").tolist() == [True] * 6
+    assert chaotic_mask(exponents, steps=100, rule="baseline").tolist() == [False, False, False, True, True, True]
+    assert onset_index(torch.tensor([0.0, 0.2, 0.6, 1.0])) == 2
+    lrs = torch.tensor([0.1, 0.2, 0.4, 0.8])
+    rho = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    learning = torch.tensor([True, True, True, False])
+    # Sensitive (Λ > 0) while learning just below the onset: an edge to approach.
+    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([0.0, 1e-3, 5e-3, 0.3]))[0] == 0.4
+    # Contracting everywhere it learns: no edge, no suggestion.
+    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([-0.1, -0.2, -0.1, 0.3]))[0] is None
+    assert edge_of_chaos_suggestion(lrs, torch.zeros(4), learning, torch.zeros(4))[2].startswith("no learning rate")
+    assert "min_lr" in edge_of_chaos_suggestion(lrs, torch.ones(4), learning, torch.ones(4))[2]
