@@ -164,7 +164,7 @@ def test_onset_rules_on_hand_made_sweeps():
     rho = torch.tensor([0.0, 0.0, 0.0, 1.0])
     learning = torch.tensor([True, True, True, False])
     # Sensitive (Λ > 0) while learning just below the onset: an edge to approach.
-    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([0.0, 1e-3, 5e-3, 0.3]))[0] == 0.4
+    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([0.0, 1e-3, 5e-3, 0.3]))[0] == pytest.approx(0.4)
     # Contracting everywhere it learns: no edge, no suggestion.
     assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([-0.1, -0.2, -0.1, 0.3]))[0] is None
     assert edge_of_chaos_suggestion(lrs, torch.zeros(4), learning, torch.zeros(4))[2].startswith("no learning rate")
