@@ -83,3 +83,35 @@ def test_shadows_are_independent_copies_with_their_own_state():
     # relative=True: ‖δ‖ = ε‖θ‖ exactly, for every shadow.
     norm = torch.linalg.vector_norm(torch.cat([p.flatten() for p in DropoutMLP().parameters()]))
     assert probe.distances[0].tolist() == pytest.approx([1e-4 * norm.item()] * 2, rel=0.05)
+
+
+class MetricMLP(DropoutMLP):
+    """Updates a torchmetrics metric inside training_step, as many users do."""
+
+    def __init__(self):
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.train_accuracy = MulticlassAccuracy(3, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.train_accuracy(self.net(x), y)
+        self.log("train_acc", self.train_accuracy, on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+
+def test_shadows_do_not_touch_the_users_torchmetrics_state():
+    def run(callbacks):
+        L.seed_everything(5, verbose=False)
+        model = MetricMLP()
+        trainer = quiet_trainer(max_epochs=1, callbacks=callbacks)
+        trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+        return model, trainer
+
+    plain_model, plain = run([])
+    probe = ChaosProbe(num_shadows=2)
+    probed_model, probed = run([probe])
+    assert torch.equal(plain.callback_metrics["train_acc"], probed.callback_metrics["train_acc"])
+    # The shadows updated their own copies of the metric, not the user's.
+    assert probe._ensemble.shadows[0].train_accuracy is not probed_model.train_accuracy
