@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, best_window_fit
+from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
@@ -465,18 +466,32 @@ class ChaosProbe(Callback):
         rank_zero_warn(message + " The real training continues unaffected.")
 
     def _summary(self, exponents: Tensor) -> str:
-        mode = "free evolution" if self.renormalize_every is None else f"renormalised every {self.renormalize_every}"
+        """A short table: each shadow's exponent with its fit quality, the regime in words, time-to-target."""
+        free = self.renormalize_every is None
+        mode = "free evolution" if free else f"renormalised every {self.renormalize_every} steps"
+        lines = [f"ChaosProbe summary ({mode}, {self._steps} optimizer steps, {self.num_shadows} shadows)"]
+        fit = self.window_fit if free else None
+        lines.append("  shadow   Λ per step     " + ("R²      window" if fit is not None else ""))
+        for k, value in enumerate(exponents.tolist()):
+            row = f"  {k:<8} {value:+.4e}    "
+            if fit is not None and math.isfinite(value):
+                start, width = int(fit.start[k]), int(fit.width[k])
+                row += f"{fit.r2[k].item():.3f}   [{start}, {start + width})"
+            elif not self._alive[k]:
+                row += "diverged (NaN or inf)"
+            lines.append(row)
         finite = exponents[torch.isfinite(exponents)]
         if finite.numel():
-            spread = f" ± {finite.std(unbiased=False).item():.3g}" if finite.numel() > 1 else ""
-            exponent = f"Λ = {finite.mean().item():.4g}{spread} per step"
-        else:
-            exponent = "Λ = nan"
-        text = f"ChaosProbe: {exponent} ({finite.numel()}/{self.num_shadows} shadows, {mode}, {self._steps} steps)"
+            mean = finite.mean().item()
+            spread = f" ± {finite.std(unbiased=False).item():.2e}" if finite.numel() > 1 else ""
+            lines.append(f"  mean     {mean:+.4e}{spread}: {regime(mean, self._steps)} over {self._steps} steps")
         if self.monitor is not None:
             if self._time_to_target is None:
-                text += f"; {self.monitor} never reached {self.target}"
+                lines.append(f"  {self.monitor} never reached {self.target}")
             else:
                 t = self._time_to_target
-                text += f"; {self.monitor} reached {self.target} at step {t['step']} (epoch {t['epoch']}, {t['seconds']:.1f} s)"
-        return text
+                lines.append(
+                    f"  {self.monitor} reached {self.target} at step {t['step']}, epoch {t['epoch']},"
+                    f" {t['seconds']:.1f} s"
+                )
+        return "\n".join(lines)

@@ -110,3 +110,12 @@ def test_network_mle_keeps_only_good_chaotic_fits():
     assert mean == pytest.approx(0.3)
     assert std == pytest.approx(0.1)
     assert math.isnan(network_mle(torch.tensor([-1.0]), torch.tensor([1.0]))[0])
+
+
+def test_regime_words_follow_the_e_fold_criterion():
+    from lightning_chaos.functional.onset import regime
+
+    assert regime(0.02, 100) == "chaotic"
+    assert regime(-0.02, 100) == "contracting"
+    assert regime(0.005, 100) == "neutral"
+    assert regime(float("nan"), 100) == "undetermined"

@@ -105,3 +105,20 @@ def test_time_to_target_stays_none_when_never_reached():
         ValidatedMLP(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=96)
     )
     assert probe.time_to_target is None
+
+
+def test_end_of_fit_summary_reports_each_shadow_and_the_regime(caplog):
+    import logging
+
+    probe = ChaosProbe(num_shadows=2, monitor="val_acc", target=1.01)
+    data = random_classification()
+    L.seed_everything(0, verbose=False)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(max_epochs=3, callbacks=[probe]).fit(
+            ValidatedMLP(lr=3.0), DataLoader(data, batch_size=16), DataLoader(data, batch_size=96)
+        )
+    summary = next(r.getMessage() for r in caplog.records if "ChaosProbe summary" in r.getMessage())
+    assert "18 optimizer steps" in summary
+    assert summary.count("\n  0 ") + summary.count("\n  1 ") == 2
+    assert "chaotic over 18 steps" in summary  # lr = 3 separates the shadows fast
+    assert "val_acc never reached 1.01" in summary

@@ -69,6 +69,22 @@ def chaotic_mask(
     return chaotic | diverged
 
 
+def regime(exponent: float, steps: int, efolds: float = 1.0) -> str:
+    """The regime in words: ``"chaotic"``, ``"contracting"`` or ``"neutral"``, by the e-fold criterion.
+
+    Over ``steps`` steps a separation growing (or shrinking) by at least e^efolds, |Λ|·steps ≥ efolds, is a clear
+    departure; anything smaller is neutral at that horizon (minibatch SGD's weak positive drift usually is).
+    Returns ``"undetermined"`` for a non-finite exponent.
+    """
+    if not math.isfinite(exponent):
+        return "undetermined"
+    if exponent * steps >= efolds:
+        return "chaotic"
+    if exponent * steps <= -efolds:
+        return "contracting"
+    return "neutral"
+
+
 def onset_index(sensitive_fraction: Tensor, min_fraction: float = 0.5) -> Optional[int]:
     """Index of the first η (in increasing order) whose fraction ρ of chaotic runs reaches ``min_fraction``."""
     hits = (torch.as_tensor(sensitive_fraction) >= min_fraction).nonzero()
