@@ -70,6 +70,20 @@ def write_exponent_histogram(trainer: Trainer, exponents: Tensor, step: int) -> 
         logger.experiment.add_histogram(EXPONENT_HISTOGRAM, finite, global_step=step)
 
 
+HPARAM_EXPONENT = f"{PREFIX}/hparams/lyapunov_exponent"
+HPARAM_TIME_TO_TARGET = f"{PREFIX}/hparams/time_to_target_step"
+
+
+def write_hparams(trainer: Trainer, params: Mapping[str, float], metrics: Mapping[str, float]) -> None:
+    """HParams entries, so the runs of an η sweep can be compared in TensorBoard's HParams dashboard.
+
+    The run's own hyperparameters (what Lightning logged at fit start) are kept and the probe's added; the session
+    is written again at the end, with the final exponent and time-to-target as its metrics.
+    """
+    for logger in tensorboard_loggers(trainer):
+        logger.log_hyperparams({**dict(logger.hparams), **params}, metrics=dict(metrics))
+
+
 FINDER_PREFIX = "chaos_lr_finder"
 
 

@@ -264,6 +264,11 @@ class ChaosProbe(Callback):
                 " (`probe.distances`, `probe.lyapunov_exponent`, `probe.time_to_target`)."
             )
         chaos_logging.write_layout(trainer)
+        self._hparams = {
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
+            "chaos/epsilon": self.epsilon,
+            "chaos/num_shadows": self.num_shadows,
+        }
         if restored is None:
             self._log(trainer)
 
@@ -301,6 +306,7 @@ class ChaosProbe(Callback):
             self._log(trainer)
         exponents = self.local_exponents
         chaos_logging.write_exponent_histogram(trainer, exponents, self._steps)
+        chaos_logging.write_hparams(trainer, self._hparams, self._hparam_metrics())
         rank_zero_info(self._summary(exponents))
 
     # -- checkpointing --------------------------------------------------------------------------------------------
@@ -421,6 +427,13 @@ class ChaosProbe(Callback):
                     metrics[chaos_logging.LOCAL_EXPONENT] = fit.exponent[usable].mean().item()
                     metrics[chaos_logging.LOCAL_EXPONENT_R2] = fit.r2[usable].nanmean().item()
         chaos_logging.log_metrics(trainer, metrics, self._steps)
+
+    def _hparam_metrics(self) -> dict[str, float]:
+        reached = self._time_to_target
+        return {
+            chaos_logging.HPARAM_EXPONENT: self.lyapunov_exponent,
+            chaos_logging.HPARAM_TIME_TO_TARGET: math.nan if reached is None else float(reached["step"]),
+        }
 
     def _check_target(self, trainer: Trainer) -> None:
         if self.monitor is None or self._time_to_target is not None or trainer.sanity_checking:

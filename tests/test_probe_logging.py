@@ -122,3 +122,29 @@ def test_end_of_fit_summary_reports_each_shadow_and_the_regime(caplog):
     assert summary.count("\n  0 ") + summary.count("\n  1 ") == 2
     assert "chaotic over 18 steps" in summary  # lr = 3 separates the shadows fast
     assert "val_acc never reached 1.01" in summary
+
+
+def test_hparams_session_holds_lr_epsilon_and_the_final_exponent(tmp_path):
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    probe = ChaosProbe(num_shadows=2, epsilon=1e-3)
+    logger = TensorBoardLogger(tmp_path, name="hp")
+    fit(probe, logger, model=DropoutMLP(lr=0.3))
+    sessions = []
+    for path in Path(logger.log_dir).glob("events.out.tfevents*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    sessions.append(data.session_start_info.hparams)
+    assert sessions, "no HParams session was written"
+    hparams = {k: v.number_value for k, v in sessions[-1].items()}
+    assert hparams["lr"] == pytest.approx(0.3)
+    assert hparams["chaos/epsilon"] == pytest.approx(1e-3)
+    assert hparams["chaos/num_shadows"] == 2
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert events.Scalars(chaos_logging.HPARAM_EXPONENT)[-1].value == pytest.approx(probe.lyapunov_exponent, rel=1e-5)
