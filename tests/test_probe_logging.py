@@ -4,7 +4,7 @@ import csv
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -148,3 +148,55 @@ def test_hparams_session_holds_lr_epsilon_and_the_final_exponent(tmp_path):
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert events.Scalars(chaos_logging.HPARAM_EXPONENT)[-1].value == pytest.approx(probe.lyapunov_exponent, rel=1e-5)
+
+
+class MemoryLogger(Logger):
+    """A third-party-style logger (as W&B, MLflow, Neptune): only the generic Logger interface."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def name(self):
+        return "memory"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_any_lightning_logger_receives_the_metrics():
+    logger = MemoryLogger()
+    probe = ChaosProbe(num_shadows=2, log_every_n_steps=4)
+    fit(probe, logger)
+    chaos_rows = [(step, m) for step, m in logger.rows if chaos_logging.DISTANCE_MEAN in m]
+    assert [step for step, _ in chaos_rows] == [0, 4, 8, 12]
+    assert chaos_rows[-1][1][chaos_logging.RUNNING_EXPONENT] == pytest.approx(
+        probe.running_exponents.mean().item(), rel=1e-6
+    )
+
+
+def test_finder_figure_and_curve_reach_tensorboard(tmp_path):
+    pytest.importorskip("matplotlib")
+    from conftest import Quadratic, dummy_loader
+
+    from lightning_chaos import find_chaos_lr
+
+    logger = TensorBoardLogger(tmp_path, name="finder")
+    result = find_chaos_lr(
+        quiet_trainer(max_steps=5, precision="64-true", logger=logger), Quadratic((1.0, 2.0), 0.1),
+        train_dataloaders=dummy_loader(5), min_lr=0.1, max_lr=2.0, num_lrs=4, steps_per_lr=20, refine=0,
+        update_attr=False,
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert f"{chaos_logging.FINDER_PREFIX}/sweep" in events.Tags()["images"]
+    curve = events.Scalars(f"{chaos_logging.FINDER_PREFIX}/exponent")
+    assert [p.value for p in curve] == pytest.approx(result.exponents.tolist(), rel=1e-5)
