@@ -251,6 +251,7 @@ class ChaosProbe(Callback):
             norm=self.norm,
             generator=generator,
             shadow_states=None if restored is None else restored["shadows"],
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
         )
         self._reset_measurements()
         if restored is None:

@@ -123,6 +123,10 @@ class ShadowEnsemble:
         perturbation: how δ is drawn.
         norm: ``"l2"`` or ``"l1"`` for all distances.
         generator: a CPU generator for δ; drawing on the CPU makes δ identical on every device and rank.
+        shadow_states: saved :meth:`state_dicts` to restore instead of perturbing (resume from a checkpoint).
+        grad_scaler: the real training's GradScaler (``16-mixed``): every shadow gets its own copy, scaled, unscaled,
+            stepped and updated as Lightning does for the real optimizer, so a shadow skips exactly the steps with
+            non-finite gradients that its own scaler finds.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class ShadowEnsemble:
         norm: str = "l2",
         generator: Optional[torch.Generator] = None,
         shadow_states: Optional[Sequence[dict[str, Any]]] = None,
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
     ) -> None:
         self.norm = norm
         self.perturbation = perturbation
@@ -145,14 +150,19 @@ class ShadowEnsemble:
         self.shadows: list[LightningModule] = []
         self.optimizers: list[Optimizer] = []
         self.shadow_params: list[list[Tensor]] = []
+        self.scalers: list[Optional[torch.amp.GradScaler]] = []
         for k in range(num_shadows):
             shadow = make_shadow_module(module)
             shadow_named = dict(shadow.named_parameters())
             param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
             shadow_optimizer = clone_optimizer(optimizer, param_map)
+            scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
             if shadow_states is not None:
                 shadow.load_state_dict(shadow_states[k]["module"])
                 shadow_optimizer.load_state_dict(copy.deepcopy(shadow_states[k]["optimizer"]))
+                if scaler is not None and shadow_states[k].get("scaler"):
+                    scaler.load_state_dict(shadow_states[k]["scaler"])
+            self.scalers.append(scaler)
             self.shadows.append(shadow)
             self.optimizers.append(shadow_optimizer)
             self.shadow_params.append([shadow_named[n] for n, _ in named])
@@ -219,7 +229,9 @@ class ShadowEnsemble:
                 if zero_grad:
                     self.optimizers[k].zero_grad(set_to_none=True)
                 if loss is not None:
-                    (loss / accumulate_grad_batches).backward()
+                    scaled = loss / accumulate_grad_batches
+                    scaler = self.scalers[k]
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                     loss = loss.detach()
             losses.append(loss)
         return losses
@@ -236,9 +248,16 @@ class ShadowEnsemble:
                 continue
             for group, values in zip(optimizer.param_groups, hyperparameters):
                 group.update(values)
+            scaler = self.scalers[k]
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if clip_gradients is not None:
                 clip_gradients(optimizer)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when this shadow's gradients are not finite
+                scaler.update()
+            else:
+                optimizer.step()
 
     # -- measurement and renormalisation ----------------------------------------------------------------------------
 
@@ -330,6 +349,10 @@ class ShadowEnsemble:
     def state_dicts(self) -> list[dict[str, Any]]:
         """Each shadow's module and optimizer state, for the callback's checkpoint."""
         return [
-            {"module": shadow.state_dict(), "optimizer": optimizer.state_dict()}
-            for shadow, optimizer in zip(self.shadows, self.optimizers)
+            {
+                "module": shadow.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            for shadow, optimizer, scaler in zip(self.shadows, self.optimizers, self.scalers)
         ]

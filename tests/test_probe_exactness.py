@@ -115,3 +115,14 @@ def test_shadows_do_not_touch_the_users_torchmetrics_state():
     assert torch.equal(plain.callback_metrics["train_acc"], probed.callback_metrics["train_acc"])
     # The shadows updated their own copies of the metric, not the user's.
     assert probe._ensemble.shadows[0].train_accuracy is not probed_model.train_accuracy
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+def test_zero_epsilon_is_bit_identical_in_other_precisions(precision):
+    probe = ChaosProbe(epsilon=0.0, num_shadows=1, log_every_n_steps=1)
+    reference, _ = fit(SETUPS["step-scheduler+clip-norm"], max_epochs=2, precision=precision)
+    model, trainer = fit(SETUPS["step-scheduler+clip-norm"], callbacks=[probe], max_epochs=2, precision=precision)
+    assert (probe.distances == 0).all()
+    assert next(probe._ensemble.shadows[0].parameters()).dtype == next(model.parameters()).dtype
+    for a, b in zip(parameters_of(reference), parameters_of(model)):
+        assert torch.equal(a, b)

@@ -1,0 +1,40 @@
+"""CUDA checks: exact lockstep on the GPU in every precision. Skipped where no GPU is present (CI never has one)."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, parameters_of, quiet_trainer, random_classification
+from lightning_chaos import ChaosProbe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def fit_on_gpu(callbacks, precision, **model_kwargs):
+    L.seed_everything(21, verbose=False)
+    model = DropoutMLP(**model_kwargs)
+    trainer = quiet_trainer(
+        accelerator="cuda", max_epochs=2, callbacks=callbacks, precision=precision, gradient_clip_val=0.5,
+        accumulate_grad_batches=2,
+    )
+    trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+    return model
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "64-true"])
+def test_zero_epsilon_bit_identical_on_cuda(precision):
+    probe = ChaosProbe(epsilon=0.0, num_shadows=2, log_every_n_steps=1)
+    reference = fit_on_gpu([], precision, scheduler="step")
+    model = fit_on_gpu([probe], precision, scheduler="step")
+    assert (probe.distances == 0).all()
+    assert next(probe._ensemble.shadows[0].parameters()).device.type == "cuda"
+    for a, b in zip(parameters_of(reference), parameters_of(model)):
+        assert torch.equal(a, b)
+
+
+def test_probe_measures_on_cuda_with_a_positive_epsilon():
+    probe = ChaosProbe(num_shadows=2, renormalize_every=2)
+    fit_on_gpu([probe], "16-mixed", lr=2.0)
+    assert probe.distances.shape[1] == 2
+    assert torch.isfinite(probe.local_exponents).all()
