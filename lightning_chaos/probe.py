@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -233,10 +234,10 @@ class ChaosProbe(Callback):
                 f"ChaosProbe does not support the sharded strategy {strategy_name}: its shadows would have to be"
                 " sharded like the real model. See docs/scaling.md."
             )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise MisconfigurationException(
-                f"ChaosProbe does not support distributed training yet ({strategy_name}, world_size="
-                f"{trainer.world_size}): the shadows' gradients are not averaged across ranks."
+                f"ChaosProbe supports multi-process training through DDP only; found {strategy_name} with"
+                f" world_size={trainer.world_size}."
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -368,6 +369,8 @@ class ChaosProbe(Callback):
                 gradient_clip_algorithm=trainer.gradient_clip_algorithm,
             )
 
+        if trainer.world_size > 1:  # DDP averaged the real gradients; the shadows' are the callback's job
+            ensemble.all_reduce_gradients(trainer.world_size, alive=self._alive)
         ensemble.optimizer_step(hyperparameters, clip_gradients=clip, alive=self._alive)
         self._steps += 1
         distances = ensemble.distances()

@@ -236,6 +236,28 @@ class ShadowEnsemble:
             losses.append(loss)
         return losses
 
+    @torch.no_grad()
+    def all_reduce_gradients(self, world_size: int, alive: Optional[list[bool]] = None) -> None:
+        """Average every shadow's gradients across processes, as DDP does for the real model's, in one all-reduce.
+
+        All shadows' gradients travel in a single flattened buffer: one collective per optimizer step, not one per
+        tensor. With gradient accumulation this runs once, at the step, on the accumulated sums (DDP itself only
+        synchronises on the last micro-batch).
+        """
+        grads = [
+            p.grad
+            for k, params in enumerate(self.shadow_params)
+            if alive is None or alive[k]
+            for p in params
+            if p.grad is not None
+        ]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world_size
+        torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
     def optimizer_step(
         self,
         hyperparameters: list[dict[str, Any]],

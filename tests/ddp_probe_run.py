@@ -1,0 +1,72 @@
+"""Run by test_ddp.py in a subprocess: a probed fit on 1 process (whole batches) or 2 DDP processes (halves).
+
+    python tests/ddp_probe_run.py OUT_DIR NUM_PROCESSES
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import DropoutMLP, random_classification  # noqa: E402
+
+from lightning_chaos import ChaosProbe, find_chaos_lr  # noqa: E402
+
+
+class HalvesDataModule(L.LightningDataModule):
+    """Every other sample per rank, in order: Lightning's injected DistributedSampler would shuffle."""
+
+    def __init__(self, num_processes: int) -> None:
+        super().__init__()
+        self.num_processes = num_processes
+
+    def train_dataloader(self) -> DataLoader:
+        data = random_classification()
+        sampler = DistributedSampler(data, shuffle=False) if self.num_processes > 1 else None
+        return DataLoader(data, batch_size=32 // self.num_processes, sampler=sampler, shuffle=False)
+
+
+def main(out: Path, num_processes: int) -> None:
+    L.seed_everything(17, verbose=False)
+    model = DropoutMLP(dropout=0.0, scheduler="step")
+    probe = ChaosProbe(num_shadows=2, renormalize_every=3, log_every_n_steps=1)
+    # 96 samples, 32 per step: one process sees whole batches; with 2, the DistributedSampler (shuffle=False) gives
+    # each rank every other sample, 16 per step, and the averaged gradients equal the whole batch's.
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=num_processes,
+        strategy="ddp" if num_processes > 1 else "auto",
+        max_epochs=3,
+        callbacks=[probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        use_distributed_sampler=False,
+        precision="64-true",  # so that the summation order of the all-reduce stays far below d(t)
+    )
+    trainer.fit(model, datamodule=HalvesDataModule(num_processes))
+    shadows = [torch.cat([p.detach().flatten() for p in s.parameters()]) for s in probe._ensemble.shadows]
+    torch.save(
+        {"distances": probe.distances, "shadows": shadows, "real": torch.cat([p.detach().flatten() for p in model.parameters()])},
+        out / f"procs{num_processes}_rank{trainer.global_rank}.pt",
+    )
+
+
+def finder(out: Path, num_processes: int) -> None:
+    """The chaos LR sweep under DDP: every rank must end with rank 0's suggestion."""
+    L.seed_everything(17, verbose=False)
+    model = DropoutMLP(dropout=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=num_processes, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    result = find_chaos_lr(trainer, model, datamodule=HalvesDataModule(num_processes), min_lr=0.01, max_lr=100.0,
+                           num_lrs=4, steps_per_lr=10, refine=0)
+    torch.save({"suggestion": result.suggestion, "lr": model.lr}, out / f"finder_rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    (finder if sys.argv[3:] == ["finder"] else main)(Path(sys.argv[1]), int(sys.argv[2]))
