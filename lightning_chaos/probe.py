@@ -244,16 +244,21 @@ class ChaosProbe(Callback):
         self._disabled = False
         restored, self._restored = self._restored, None
         generator = torch.Generator().manual_seed(self.seed)
-        self._ensemble = ShadowEnsemble(
-            pl_module,
-            trainer.optimizers[0],
-            self.num_shadows,
-            self.perturbation,
-            norm=self.norm,
-            generator=generator,
-            shadow_states=None if restored is None else restored["shadows"],
-            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
-        )
+        try:
+            self._ensemble = ShadowEnsemble(
+                pl_module,
+                trainer.optimizers[0],
+                self.num_shadows,
+                self.perturbation,
+                norm=self.norm,
+                generator=generator,
+                shadow_states=None if restored is None else restored["shadows"],
+                grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+            )
+        except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
+            self._ensemble = None
+            self._disable(f"ChaosProbe could not clone the model into shadows: {error!r}")
+            return
         self._reset_measurements()
         if restored is None:
             self._pending.append(self._ensemble.initial_distance)

@@ -106,3 +106,23 @@ def test_a_diverging_shadow_is_retired_with_a_warning_and_a_nan_exponent():
         assert torch.equal(a, b)
     assert torch.isnan(probe.local_exponents).all()
     assert probe.lyapunov_exponent != probe.lyapunov_exponent  # NaN
+
+
+class UncopyableMLP(DropoutMLP):
+    """Holds something deepcopy cannot copy, as some modules do (open handles, locks)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_a_model_that_cannot_be_cloned_disables_the_probe_with_a_warning():
+    probe = ChaosProbe()
+    with pytest.warns(UserWarning, match="could not clone"):
+        probed = _fit_mlp(UncopyableMLP, [probe])
+    reference = _fit_mlp(UncopyableMLP, [])
+    for a, b in zip(parameters_of(reference), parameters_of(probed)):
+        assert torch.equal(a, b)
+    assert probe.distances.shape == (0, 1)
