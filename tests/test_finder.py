@@ -164,8 +164,17 @@ def test_onset_rules_on_hand_made_sweeps():
     rho = torch.tensor([0.0, 0.0, 0.0, 1.0])
     learning = torch.tensor([True, True, True, False])
     # Sensitive (Λ > 0) while learning just below the onset: an edge to approach.
-    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([0.0, 1e-3, 5e-3, 0.3]))[0] == pytest.approx(0.4)
+    assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([0.0, 1e-3, 5e-3, 0.3]), margin=2)[0] == (
+        pytest.approx(0.4)
+    )
     # Contracting everywhere it learns: no edge, no suggestion.
     assert edge_of_chaos_suggestion(lrs, rho, learning, torch.tensor([-0.1, -0.2, -0.1, 0.3]))[0] is None
     assert edge_of_chaos_suggestion(lrs, torch.zeros(4), learning, torch.zeros(4))[2].startswith("no learning rate")
     assert "min_lr" in edge_of_chaos_suggestion(lrs, torch.ones(4), learning, torch.ones(4))[2]
+    # Chaos on a loss plateau below every learning η: the edge is where learning fails above the (chaotic) band.
+    plateau = edge_of_chaos_suggestion(
+        torch.tensor([0.01, 0.1, 0.3, 1.0]), torch.ones(4), torch.tensor([False, True, True, False]), torch.ones(4),
+        margin=1.5,
+    )
+    assert plateau[:2] == (pytest.approx(1.0 / 1.5), 1.0)
+    assert "learned at no" in edge_of_chaos_suggestion(lrs, rho, torch.zeros(4, dtype=torch.bool), torch.ones(4))[2]

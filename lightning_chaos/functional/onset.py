@@ -96,12 +96,14 @@ def edge_of_chaos_suggestion(
     sensitive_fraction: Tensor,
     learning: Tensor,
     exponents: Tensor,
-    margin: float = 2.0,
+    margin: float = 1.5,
     min_fraction: float = 0.5,
 ) -> tuple[Optional[float], Optional[float], str]:
     """The learning rate at the edge of chaos approached from the ordered side: onset η* divided by ``margin``.
 
-    η* is the first η whose fraction of chaotic runs ρ reaches ``min_fraction``. There is an edge to approach when
+    η* is the first η whose fraction of chaotic runs ρ reaches ``min_fraction``. When that happens below every η
+    at which the network learns (chaos on an initial loss plateau, seen on small CNNs), the whole learning band is
+    chaotic and η* is taken as the first η above it at which learning fails. There is an edge to approach when
     the network still learns at η* (chaos while learning, the seed paper's band), or when it learns just below η*
     with a positive exponent there: the trajectory is already sensitive while learning, and the edge lies between
     the two grid points. When every learning η contracts (Λ ≤ 0) and chaos begins only where learning fails, as for
@@ -124,11 +126,29 @@ def edge_of_chaos_suggestion(
     """
     lrs = torch.as_tensor(lrs, dtype=torch.float64)
     learning = torch.as_tensor(learning, dtype=torch.bool)
+    learning_indices = learning.nonzero()
+    if learning_indices.numel() == 0:
+        return None, None, (
+            "the network learned at no learning rate of the grid within the probe window: widen the grid or raise"
+            " `steps_per_lr`"
+        )
+    first_learning = int(learning_indices[0, 0])
     index = onset_index(sensitive_fraction, min_fraction)
     if index is None:
         return None, None, (
             f"no learning rate up to max_lr={lrs[-1].item():.3g} was chaotic: widen the grid with a larger `max_lr`"
         )
+    if index < first_learning:
+        # Chaos begins on a loss plateau, before the network learns within the window: the whole learning band is
+        # chaotic, and its edge is the first learning rate above it at which learning fails.
+        failing = [i for i in range(first_learning, len(lrs)) if not learning[i]]
+        if not failing:
+            return None, None, (
+                f"learning never fails up to max_lr={lrs[-1].item():.3g} and the whole learning band is chaotic:"
+                " widen the grid with a larger `max_lr`"
+            )
+        edge = lrs[failing[0]].item()
+        return edge / margin, edge, ""
     onset = lrs[index].item()
     if index == 0:
         return None, onset, (
@@ -138,8 +158,8 @@ def edge_of_chaos_suggestion(
     sensitive_below = bool(learning[index - 1]) and bool(exponents[index - 1] > 0)
     if not learning[index] and not sensitive_below:
         return None, onset, (
-            f"chaos appears at lr={onset:.3g} only where learning has already failed (loss did not decrease):"
-            " this model has no learning chaotic band in the grid; pick a learning rate below it, or more"
-            " `steps_per_lr` if learning is slow"
+            f"chaos appears at lr={onset:.3g} only where learning has already failed (loss did not decrease) and"
+            " the trajectory contracts wherever it learns: there is no learning chaotic band in the grid; pick a"
+            " learning rate below it"
         )
     return onset / margin, onset, ""
