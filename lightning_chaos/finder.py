@@ -311,6 +311,8 @@ class ChaosLRFinder(Callback):
             generator=generator,
         )
         step_context = trainer.precision_plugin.train_step_context
+        reference_clip = reference.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        shadow_clip = shadows.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         losses: list[Tensor] = []
         steps = 0
         transient = torch.zeros(self.num_shadows, device=device)
@@ -319,8 +321,8 @@ class ChaosLRFinder(Callback):
             rng_state = capture_rng_state(device)
             loss = reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
             shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
-            reference.optimizer_step(hyperparameters, self._clipper(trainer, reference))
-            shadows.optimizer_step(hyperparameters, self._clipper(trainer, shadows))
+            reference.optimizer_step(hyperparameters, reference_clip)
+            shadows.optimizer_step(hyperparameters, shadow_clip)
             steps += 1
             distances = shadows.distances()
             if steps % self.renormalize_every == 0:
@@ -350,21 +352,6 @@ class ChaosLRFinder(Callback):
     def _diverged(losses: list[Tensor]) -> bool:
         first, last = losses[0].item(), losses[-1].item()
         return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
-
-    @staticmethod
-    def _clipper(trainer: Trainer, ensemble: ShadowEnsemble):
-        if not trainer.gradient_clip_val:
-            return None
-
-        def clip(optimizer: torch.optim.Optimizer) -> None:
-            module = ensemble.shadows[ensemble.optimizers.index(optimizer)]
-            module.configure_gradient_clipping(
-                optimizer,
-                gradient_clip_val=trainer.gradient_clip_val,
-                gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-            )
-
-        return clip
 
     def _summarise(self, runs: dict[float, list[tuple[float, float, bool]]]) -> ChaosLRFinderResult:
         lrs = sorted(runs)

@@ -20,6 +20,7 @@ from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, 
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 _MIN_FIT_POINTS = 4
+_FIT_EVERY_N_LOGS = 10
 
 
 class ChaosProbe(Callback):
@@ -152,6 +153,8 @@ class ChaosProbe(Callback):
         self._pending: list[Tensor] = []  # device tensors [K], not yet moved to the host
         self._alive = [True] * self.num_shadows
         self._collapse_reported = False
+        self._logs_written = 0
+        self._last_logged_step: Optional[int] = None
         self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
         self._time_to_target: Optional[dict[str, float]] = None
@@ -309,8 +312,7 @@ class ChaosProbe(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._ensemble is None or self._steps == 0:
             return
-        if self._steps % self._log_interval(trainer) != 0:
-            self._log(trainer)
+        self._log(trainer, final=True)
         exponents = self.local_exponents
         chaos_logging.write_exponent_histogram(trainer, exponents, self._steps)
         chaos_logging.write_hparams(trainer, self._hparams, self._hparam_metrics())
@@ -366,14 +368,7 @@ class ChaosProbe(Callback):
         if hyperparameters is None:  # accumulating: the real optimizer did not step on this batch
             return
 
-        def clip(optimizer: Optimizer) -> None:
-            shadow = ensemble.shadows[ensemble.optimizers.index(optimizer)]
-            shadow.configure_gradient_clipping(
-                optimizer,
-                gradient_clip_val=trainer.gradient_clip_val,
-                gradient_clip_algorithm=trainer.gradient_clip_algorithm,
-            )
-
+        clip = ensemble.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         if trainer.world_size > 1:  # DDP averaged the real gradients; the shadows' are the callback's job
             ensemble.all_reduce_gradients(trainer.world_size, alive=self._alive)
         ensemble.optimizer_step(hyperparameters, clip_gradients=clip, alive=self._alive)
@@ -411,13 +406,26 @@ class ChaosProbe(Callback):
                     " This is common at large learning rates; a smaller `epsilon` may keep it finite longer."
                 )
 
-    def _log(self, trainer: Trainer) -> None:
+    def _log(self, trainer: Trainer, final: bool = False) -> None:
+        """Log d(t) and the running exponents every interval; the window fit, which walks the whole history, every
+        few logs and at the end of training (``final``) only. Nothing is written twice for the same step."""
         self._flush()
-        latest = self._history[-1][-1]
+        if not trainer.loggers:
+            return
         alive = torch.tensor(self._alive)
         metrics: dict[str, float] = {}
-        for k in range(self.num_shadows):
-            metrics[chaos_logging.shadow_distance_tag(k)] = latest[k].item()
+        if self._last_logged_step != self._steps:
+            metrics.update(self._distance_metrics(alive))
+            self._logs_written += 1
+        if self._steps > 0 and (final or self._logs_written % _FIT_EVERY_N_LOGS == 1):
+            metrics.update(self._fit_metrics(alive))
+        if metrics:
+            chaos_logging.log_metrics(trainer, metrics, self._steps)
+        self._last_logged_step = self._steps
+
+    def _distance_metrics(self, alive: Tensor) -> dict[str, float]:
+        latest = self._history[-1][-1]
+        metrics = {chaos_logging.shadow_distance_tag(k): latest[k].item() for k in range(self.num_shadows)}
         if alive.any():
             mean_distance = latest[alive].mean().item()
             metrics[chaos_logging.DISTANCE_MEAN] = mean_distance
@@ -429,13 +437,19 @@ class ChaosProbe(Callback):
                 metrics[chaos_logging.RUNNING_EXPONENT] = running.mean().item()
                 metrics[chaos_logging.RUNNING_EXPONENT_MIN] = running.min().item()
                 metrics[chaos_logging.RUNNING_EXPONENT_MAX] = running.max().item()
-            fit = self.window_fit
-            if fit is not None:
-                usable = alive & torch.isfinite(fit.exponent)
-                if usable.any():
-                    metrics[chaos_logging.LOCAL_EXPONENT] = fit.exponent[usable].mean().item()
-                    metrics[chaos_logging.LOCAL_EXPONENT_R2] = fit.r2[usable].nanmean().item()
-        chaos_logging.log_metrics(trainer, metrics, self._steps)
+        return metrics
+
+    def _fit_metrics(self, alive: Tensor) -> dict[str, float]:
+        fit = self.window_fit
+        if fit is None:
+            return {}
+        usable = alive & torch.isfinite(fit.exponent)
+        if not usable.any():
+            return {}
+        return {
+            chaos_logging.LOCAL_EXPONENT: fit.exponent[usable].mean().item(),
+            chaos_logging.LOCAL_EXPONENT_R2: fit.r2[usable].nanmean().item(),
+        }
 
     def _hparam_metrics(self) -> dict[str, float]:
         reached = self._time_to_target

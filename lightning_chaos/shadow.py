@@ -48,13 +48,12 @@ def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device)
 
 
 @contextmanager
-def _replayed_rng(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> Iterator[None]:
-    """Run a block with the torch RNG set to ``state``; the caller's RNG stream continues untouched afterwards.
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Restore the torch RNG state(s) of ``device`` on exit: the caller's stream continues as if nothing ran.
 
     Cheaper than ``isolate_rng`` on the hot path: dropout draws only from torch's generators.
     """
     saved = capture_rng_state(device)
-    _set_rng_state(state, device)
     try:
         yield
     finally:
@@ -221,20 +220,38 @@ class ShadowEnsemble:
         """
         zero_grad = batch_idx % accumulate_grad_batches == 0
         losses: list[Optional[Tensor]] = []
-        for k, shadow in enumerate(self.shadows):
-            loss = None
-            if alive is None or alive[k]:
-                with _replayed_rng(rng_state, device), step_context():
-                    loss = training_loss(shadow.training_step(batch, batch_idx))
-                if zero_grad:
-                    self.optimizers[k].zero_grad(set_to_none=True)
-                if loss is not None:
-                    scaled = loss / accumulate_grad_batches
-                    scaler = self.scalers[k]
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss = loss.detach()
-            losses.append(loss)
+        with _preserved_rng(device):
+            for k, shadow in enumerate(self.shadows):
+                loss = None
+                if alive is None or alive[k]:
+                    _set_rng_state(rng_state, device)  # the dropout masks the real training_step drew
+                    with step_context():
+                        loss = training_loss(shadow.training_step(batch, batch_idx))
+                    if zero_grad:
+                        self.optimizers[k].zero_grad(set_to_none=True)
+                    if loss is not None:
+                        scaled = loss / accumulate_grad_batches if accumulate_grad_batches > 1 else loss
+                        scaler = self.scalers[k]
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        loss = loss.detach()
+                losses.append(loss)
         return losses
+
+    def gradient_clipper(
+        self, clip_val: Optional[float], algorithm: Optional[str]
+    ) -> Optional[Callable[[Optimizer], None]]:
+        """Clipping for a shadow's optimizer through its module's ``configure_gradient_clipping``, as Lightning clips
+        the real one (so a user override applies to the shadows too); None when the Trainer does not clip."""
+        if not clip_val:
+            return None
+
+        def clip(optimizer: Optimizer) -> None:
+            shadow = self.shadows[self.optimizers.index(optimizer)]
+            shadow.configure_gradient_clipping(
+                optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm
+            )
+
+        return clip
 
     @torch.no_grad()
     def all_reduce_gradients(self, world_size: int, alive: Optional[list[bool]] = None) -> None:
