@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.distance import NORMS
-from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, best_window_fit
+from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
@@ -37,8 +37,9 @@ class ChaosProbe(Callback):
     and derives Lyapunov exponents (per optimizer step):
 
     * free evolution (``renormalize_every=None``, the seed papers' way): the local exponent Λ_k is the slope of
-      ln d_k(t) over its exponential phase, found by the best-R² window search
-      (:func:`~lightning_chaos.functional.best_window_fit`); the running exponent is ln(d_k(t)/d_k(0)) / t;
+      ln d_k(t) over its exponential phase, before saturation, found by the best-R² window search
+      (:func:`~lightning_chaos.functional.window_fit_before_saturation`); the running exponent is
+      ln(d_k(t)/d_k(0)) / t;
     * renormalised (``renormalize_every=N``, Benettin's two-trajectory method): every N steps ln(d/d_prev) is added
       to a sum and each shadow is pulled back along its separation to d0 (its optimizer state too); the running
       exponent Σ ln(d/d_prev) / t never saturates.
@@ -63,7 +64,9 @@ class ChaosProbe(Callback):
         seed: seed of the probe's own generator for δ. The global RNG is never touched.
         monitor: a metric in ``trainer.callback_metrics`` (for example ``"val_acc"``) for time-to-target.
         target: the value of ``monitor`` to reach.
-        mode: ``"max"`` (reached when ``monitor >= target``) or ``"min"`` (``monitor <= target``).
+        mode: ``"max"`` (reached when ``monitor >= target``) or ``"min"`` (``monitor <= target``). The target is
+            checked where ``EarlyStopping`` checks, at the end of each validation run and training epoch: for a finer
+            time-to-target, validate more often (``Trainer(val_check_interval=...)``).
         stop_at_target: end training once the target is reached.
         log_every_n_steps: log every N optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
             Distances are measured at every step regardless.
@@ -180,12 +183,14 @@ class ChaosProbe(Callback):
 
     @property
     def window_fit(self) -> Optional[WindowFit]:
-        """Best-R² window fit of ln d_k(t) per shadow (free evolution only; None before 4 recorded points)."""
+        """Best-R² window fit of ln d_k(t) per shadow over its exponential phase, before it saturates (see
+        :func:`~lightning_chaos.functional.window_fit_before_saturation`); free evolution only, None before 4
+        recorded points."""
         distances = self.distances
         if self.renormalize_every is not None or distances.shape[0] < _MIN_FIT_POINTS:
             return None
         log_d = torch.where(distances > 0, distances.log(), torch.nan)
-        return best_window_fit(log_d)
+        return window_fit_before_saturation(log_d)
 
     @property
     def running_exponents(self) -> Tensor:

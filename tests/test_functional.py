@@ -119,3 +119,19 @@ def test_regime_words_follow_the_e_fold_criterion():
     assert regime(-0.02, 100) == "contracting"
     assert regime(0.005, 100) == "neutral"
     assert regime(float("nan"), 100) == "undetermined"
+
+
+def test_fit_before_saturation_finds_a_short_exponential_phase_the_papers_grid_misses():
+    from lightning_chaos.functional import saturation_cut, window_fit_before_saturation
+
+    t = torch.arange(201, dtype=torch.float64)
+    # 16 e-folds in 20 steps, then a plateau with a slow drift: the seed paper's MNIST shape at large η.
+    log_d = torch.where(t < 20, -18.0 + 0.8 * t, -2.0 + 0.001 * (t - 20))
+    assert best_window_fit(log_d).exponent.item() < 0.1  # the paper's grid sits on the plateau
+    assert saturation_cut(log_d).item() == 20  # t = 19 is within one e-fold of the top
+    fit = window_fit_before_saturation(log_d)
+    assert fit.exponent.item() == pytest.approx(0.8)
+    # No growth, no cut: contracting and neutral series are fitted whole, as by best_window_fit.
+    flat = -5.0 - 0.01 * t
+    assert saturation_cut(flat).item() == 201
+    assert window_fit_before_saturation(flat).exponent.item() == pytest.approx(best_window_fit(flat).exponent.item())

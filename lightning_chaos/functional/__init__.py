@@ -11,6 +11,8 @@ from lightning_chaos.functional.exponents import (
     default_fit_windows,
     finite_time_exponent,
     network_mle,
+    saturation_cut,
+    window_fit_before_saturation,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "flat_norm",
     "network_mle",
     "parameter_distance",
+    "saturation_cut",
+    "window_fit_before_saturation",
 ]
