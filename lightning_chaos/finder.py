@@ -244,6 +244,13 @@ class ChaosLRFinder(Callback):
 
     def _sweep(self, trainer: Trainer, pl_module: LightningModule, base_lr: float) -> ChaosLRFinderResult:
         batches = self._collect_batches(trainer, pl_module)
+        # New dropout masks at every step, the same for every η. Seeded once per sweep: torch.manual_seed also seeds
+        # every accelerator lazily and costs about a millisecond, as much as a small model's step.
+        rng_states = []
+        for batch_idx in range(len(batches)):
+            torch.manual_seed(self.seed + batch_idx)
+            rng_states.append(capture_rng_state(pl_module.device))
+        batches = list(zip(batches, rng_states))
         inits = self._initial_states(pl_module)
         coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
         runs: dict[float, list[tuple[float, float, bool]]] = {}
@@ -289,9 +296,9 @@ class ChaosLRFinder(Callback):
         pl_module: LightningModule,
         init_state: Optional[dict[str, Tensor]],
         lr_scale: float,
-        batches: list[Any],
+        batches: list[tuple[Any, tuple[Tensor, Optional[Tensor]]]],
     ) -> tuple[float, float, bool]:
-        """Train a reference and its shadows at one η; return (Λ, loss ratio, still learning)."""
+        """Train a reference and its shadows at one η on (batch, RNG state) pairs; return (Λ, loss ratio, learning)."""
         device = pl_module.device
         optimizer = trainer.optimizers[0]
         reference = ShadowEnsemble(pl_module, optimizer, 1, Perturbation(0.0))
@@ -316,17 +323,14 @@ class ChaosLRFinder(Callback):
         losses: list[Tensor] = []
         steps = 0
         transient = torch.zeros(self.num_shadows, device=device)
-        for batch_idx, batch in enumerate(batches):
-            torch.manual_seed(self.seed + batch_idx)  # new dropout masks each step, the same for every η
-            rng_state = capture_rng_state(device)
+        for batch_idx, (batch, rng_state) in enumerate(batches):
             loss = reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
             shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
             reference.optimizer_step(hyperparameters, reference_clip)
             shadows.optimizer_step(hyperparameters, shadow_clip)
             steps += 1
-            distances = shadows.distances()
-            if steps % self.renormalize_every == 0:
-                shadows.pull_back(distances)
+            if steps % self.renormalize_every == 0:  # distances are needed only at pull-backs and at the end
+                shadows.pull_back(shadows.distances())
                 if steps == self.renormalize_every:  # the first period aligns the separation: leave it out
                     transient = shadows.log_growth_sum.clone()
             if loss is not None:
@@ -334,7 +338,7 @@ class ChaosLRFinder(Callback):
             if steps % _DIVERGENCE_CHECK_EVERY == 0 and losses and self._diverged(losses):
                 break
         pulled_back = steps % self.renormalize_every == 0
-        growth = shadows.log_growth(distances, renormalized=True, pulled_back=pulled_back)
+        growth = shadows.log_growth(shadows.distances(), renormalized=True, pulled_back=pulled_back)
         if steps > self.renormalize_every:
             growth, measured = growth - transient.to(growth), steps - self.renormalize_every
         else:
