@@ -123,3 +123,90 @@ class MLPClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum)
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def load_fashion_mnist(root: str = FASHION_MNIST_DIR, limit: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST's training images (as shipped by Debian's ``dataset-fashion-mnist``), [N, 1, 28, 28] in [0, 1]."""
+    import gzip
+    from pathlib import Path
+
+    import numpy as np
+
+    def read(name: str, offset: int) -> "np.ndarray":
+        with gzip.open(Path(root) / name, "rb") as handle:
+            return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
+
+    images = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+    labels = read("train-labels-idx1-ubyte.gz", 8)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return torch.tensor(images, dtype=torch.float32) / 255.0, torch.tensor(labels, dtype=torch.long)
+
+
+class OfflineImagesDataModule(DigitsDataModule):
+    """Real offline images: Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed, else the digits.
+
+    Args:
+        dataset: ``"auto"`` (Fashion-MNIST if present, else digits), ``"fashion"`` or ``"digits"``.
+        limit: use the first ``limit`` Fashion-MNIST images (all 60 000 by default: slow on a CPU).
+        batch_size, val_fraction, split_seed: as :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self, dataset: str = "auto", limit: Optional[int] = 10000, batch_size: Optional[int] = 64,
+        val_fraction: float = 0.25, split_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, split_seed=split_seed)
+        if dataset not in ("auto", "fashion", "digits"):
+            raise ValueError(f"`dataset` must be 'auto', 'fashion' or 'digits', got {dataset!r}")
+        import os
+
+        self.dataset = ("fashion" if os.path.isdir(FASHION_MNIST_DIR) else "digits") if dataset == "auto" else dataset
+        self.limit = limit
+
+    @property
+    def num_features(self) -> int:
+        """Pixels per image: 784 for Fashion-MNIST, 64 for the digits."""
+        return 784 if self.dataset == "fashion" else 64
+
+    def setup(self, stage: str) -> None:
+        if self.dataset == "digits":
+            return super().setup(stage)
+        images, labels = load_fashion_mnist(limit=self.limit)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+        num_val = int(round(self.val_fraction * len(labels)))
+        self.train_set = TensorDataset(images[order[num_val:]], labels[order[num_val:]])
+        self.val_set = TensorDataset(images[order[:num_val]], labels[order[:num_val]])
+
+
+class SmallCNN(MLPClassifier):
+    """A small convolutional classifier for square grey images of any size (8×8 digits, 28×28 Fashion-MNIST).
+
+    Two 3×3 convolutions with ReLU and max-pooling, adaptive pooling to 2×2, a linear read-out; SGD on ``lr``.
+
+    Args:
+        channels: output channels of the two convolutions.
+        num_classes, lr, momentum: as :class:`MLPClassifier`.
+        in_features: accepted for configuration symmetry with the MLP and ignored.
+    """
+
+    def __init__(
+        self, channels: tuple[int, int] = (8, 16), num_classes: int = 10, lr: float = 0.1, momentum: float = 0.0,
+        in_features: Optional[int] = None,
+    ) -> None:
+        super().__init__(hidden=(), num_classes=num_classes, lr=lr, momentum=momentum)
+        c1, c2 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+            nn.Flatten(), nn.Linear(c2 * 4, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # flat pixels: back to a square image
+            side = int(round(x.shape[1] ** 0.5))
+            x = x.view(-1, 1, side, side)
+        return self.net(x)
