@@ -27,12 +27,19 @@ def shadow_distance_tag(index: int) -> str:
     return f"{PREFIX}/distance/shadow_{index}"
 
 
+def shadow_log_distance_tag(index: int) -> str:
+    return f"{PREFIX}/log_distance/shadow_{index}"
+
+
 def custom_scalars_layout() -> dict:
     """TensorBoard custom-scalars layout: every shadow's d(t) on one chart, the running exponent with its band."""
     return {
         "chaos": {
             "d(t) of every shadow": ["Multiline", [rf"{PREFIX}/distance/shadow_\d+", DISTANCE_MEAN]],
-            "ln d(t)": ["Multiline", [LOG_DISTANCE_MEAN]],
+            "ln d(t) of every shadow (a straight rising line: exponential divergence)": [
+                "Multiline",
+                [rf"{PREFIX}/log_distance/shadow_\d+", LOG_DISTANCE_MEAN],
+            ],
             "running Lyapunov exponent (band across shadows)": [
                 "Margin",
                 [RUNNING_EXPONENT, RUNNING_EXPONENT_MIN, RUNNING_EXPONENT_MAX],

@@ -23,6 +23,13 @@ _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 
 
+def _log_or_nan(value: float) -> float:
+    """ln d for logging: -inf for d = 0 (a separation rounded away), NaN for a diverged (non-finite) d."""
+    if value == 0:
+        return -math.inf
+    return math.log(value) if value > 0 and math.isfinite(value) else math.nan
+
+
 class ChaosProbe(Callback):
     r"""Clone the model into ε-perturbed shadow networks, step them in lockstep with the real one, and measure d(t).
 
@@ -430,11 +437,14 @@ class ChaosProbe(Callback):
 
     def _distance_metrics(self, alive: Tensor) -> dict[str, float]:
         latest = self._history[-1][-1]
-        metrics = {chaos_logging.shadow_distance_tag(k): latest[k].item() for k in range(self.num_shadows)}
+        metrics = {}
+        for k, value in enumerate(latest.tolist()):
+            metrics[chaos_logging.shadow_distance_tag(k)] = value
+            metrics[chaos_logging.shadow_log_distance_tag(k)] = _log_or_nan(value)
         if alive.any():
             mean_distance = latest[alive].mean().item()
             metrics[chaos_logging.DISTANCE_MEAN] = mean_distance
-            metrics[chaos_logging.LOG_DISTANCE_MEAN] = math.log(mean_distance) if mean_distance > 0 else -math.inf
+            metrics[chaos_logging.LOG_DISTANCE_MEAN] = _log_or_nan(mean_distance)
         if self._steps > 0:
             running = self.running_exponents[alive]
             running = running[torch.isfinite(running)]

@@ -35,6 +35,8 @@ def test_tensorboard_event_files_hold_the_chaos_tags_layout_and_histogram(tmp_pa
         chaos_logging.LOG_DISTANCE_MEAN,
         chaos_logging.shadow_distance_tag(0),
         chaos_logging.shadow_distance_tag(1),
+        chaos_logging.shadow_log_distance_tag(0),
+        chaos_logging.shadow_log_distance_tag(1),
         chaos_logging.RUNNING_EXPONENT,
         chaos_logging.RUNNING_EXPONENT_MIN,
         chaos_logging.RUNNING_EXPONENT_MAX,
