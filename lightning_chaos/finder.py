@@ -43,6 +43,9 @@ class ChaosLRFinderResult:
         steps_per_lr: optimizer steps each Λ was measured over.
         rule: the onset rule used.
         reason: why there is no suggestion ("" when there is one).
+        learning_at_onset: whether the network still learned at η* (None without an onset). Under minibatch SGD
+            the onset often coincides with where learning fails: then η* marks the edge of trainability as much as
+            the edge of chaos.
     """
 
     lrs: Tensor
@@ -56,6 +59,7 @@ class ChaosLRFinderResult:
     steps_per_lr: int = 0
     rule: str = "efold"
     reason: str = ""
+    learning_at_onset: Optional[bool] = None
     seconds: float = 0.0
 
     def plot(self, ax: Any = None) -> Any:
@@ -382,6 +386,7 @@ class ChaosLRFinder(Callback):
             steps_per_lr=self.steps_per_lr,
             rule=self.rule,
             reason=reason,
+            learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
         )
 
     # -- data, initialisations, LR attribute ------------------------------------------------------------------------
@@ -457,9 +462,10 @@ class ChaosLRFinder(Callback):
     @staticmethod
     def _report(trainer: Trainer, result: ChaosLRFinderResult) -> None:
         if result.suggestion is not None:
+            where = "still learning there" if result.learning_at_onset else "where learning also fails"
             rank_zero_info(
-                f"ChaosLRFinder: onset of chaos at lr={result.onset:.3g}; suggested lr={result.suggestion:.3g}"
-                f" ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
+                f"ChaosLRFinder: onset of chaos at lr={result.onset:.3g} ({where}); suggested"
+                f" lr={result.suggestion:.3g} ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
             )
         if not trainer.is_global_zero:
             return

@@ -33,6 +33,7 @@ def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made():
     # On the quadratic, Λ > 0 exactly where gradient descent stops learning (η > 2/3).
     assert result.learning.tolist() == (result.lrs < 2 / 3).tolist()
     assert result.suggestion is None and result.onset is not None
+    assert result.learning_at_onset is False
     assert torch.equal(model.weight, before)
     assert model.lr == 0.1
 
