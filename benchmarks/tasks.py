@@ -24,51 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_chaos.demo import DigitsDataModule, MLPClassifier
-
-
-class DigitsCNN(LightningModule):
-    """A small CNN for the 8×8 digits (inputs arrive flattened, [B, 64]); SGD; logs ``train_loss``/``val_acc``."""
-
-    def __init__(self, lr: float = 0.1, momentum: float = 0.0, channels: tuple[int, int] = (8, 16)) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        c1, c2 = channels
-        self.net = nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, c1, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 4×4
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 2×2
-            nn.Flatten(),
-            nn.Linear(c2 * 4, 10),
-        )
-        self.lr = lr
-        self.val_accuracy = MulticlassAccuracy(10, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_accuracy(logits, y)
-        self.log("val_acc", self.val_accuracy)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum)
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier, SmallCNN
 
 
 class RawDigitsDataModule(DigitsDataModule):
@@ -142,7 +100,7 @@ TASKS: dict[str, Task] = {
             "digits_cnn",
             "CNN conv8-conv16-fc on digits as 1x8x8, ReLU, batch 64, SGD",
             lambda: DigitsDataModule(batch_size=64),
-            lambda lr: DigitsCNN(lr=lr),
+            lambda lr: SmallCNN(lr=lr),  # conv 1→8→16, 3×3, ReLU, max-pool, 64→10
             target=0.95,
             default_lr=0.1,
             budget=1000,

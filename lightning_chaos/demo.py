@@ -66,7 +66,35 @@ class DigitsDataModule(LightningDataModule):
         return DataLoader(self.val_set, batch_size=len(self.val_set))
 
 
-class MLPClassifier(LightningModule):
+class _Classifier(LightningModule):
+    """What the demo classifiers share: cross-entropy, ``train_loss``/``val_loss``/``val_acc`` logging, SGD on ``lr``."""
+
+    net: nn.Module
+
+    def __init__(self, num_classes: int, lr: float, momentum: float) -> None:
+        super().__init__()
+        self.lr = lr
+        self.momentum = momentum
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy(logits, y)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", self.val_accuracy)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class MLPClassifier(_Classifier):
     """A multilayer perceptron classifier trained with SGD; logs ``train_loss``, ``val_loss`` and ``val_acc``.
 
     Args:
@@ -89,7 +117,7 @@ class MLPClassifier(LightningModule):
         dropout: float = 0.0,
         activation: str = "tanh",
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes, lr, momentum)
         self.save_hyperparameters()
         if activation not in ("tanh", "relu"):
             raise ValueError(f"`activation` must be 'tanh' or 'relu', got {activation!r}")
@@ -102,27 +130,9 @@ class MLPClassifier(LightningModule):
             width = size
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
-        self.lr = lr
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_accuracy(logits, y)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", self.val_accuracy)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.hparams.momentum)
 
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,10 +192,10 @@ class OfflineImagesDataModule(DigitsDataModule):
         self.val_set = TensorDataset(images[order[:num_val]], labels[order[:num_val]])
 
 
-class SmallCNN(MLPClassifier):
+class SmallCNN(_Classifier):
     """A small convolutional classifier for square grey images of any size (8×8 digits, 28×28 Fashion-MNIST).
 
-    Two 3×3 convolutions with ReLU and max-pooling, adaptive pooling to 2×2, a linear read-out; SGD on ``lr``.
+    Two 3×3 convolutions with ReLU and max-pooling, adaptive max-pooling to 2×2, a linear read-out; SGD on ``lr``.
 
     Args:
         channels: output channels of the two convolutions.
@@ -197,7 +207,8 @@ class SmallCNN(MLPClassifier):
         self, channels: tuple[int, int] = (8, 16), num_classes: int = 10, lr: float = 0.1, momentum: float = 0.0,
         in_features: Optional[int] = None,
     ) -> None:
-        super().__init__(hidden=(), num_classes=num_classes, lr=lr, momentum=momentum)
+        super().__init__(num_classes, lr, momentum)
+        self.save_hyperparameters()
         c1, c2 = channels
         self.net = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
