@@ -1,5 +1,8 @@
 """Shared models and trainers for the tests: small, CPU, no network."""
 
+import importlib.util
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -91,3 +94,14 @@ def classification_loader():
 
 def parameters_of(module):
     return [p.detach().clone() for p in module.parameters()]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name):
+    """Import ``examples/<name>.py`` as a module, so tests run the scripts users run."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,26 +1,17 @@
 """examples/chaos_sweep.py: the η sweep for any module and data module from a config, on the offline digits."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from conftest import EXAMPLES, load_example
+
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("chaos_sweep", EXAMPLES / "chaos_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("config", ["deep_mlp.yaml", "small_cnn.yaml"])
 def test_sweep_is_regular_at_small_and_chaotic_at_large_learning_rates(tmp_path, config):
-    rows = load_sweep().run(
+    rows = load_example("chaos_sweep").run(
         [
             "--config", str(EXAMPLES / "configs" / config),
             "--data.init_args.dataset", "digits",

@@ -1,28 +1,19 @@
 """Both callbacks are configurable from YAML and the command line through LightningCLI."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
+
+from conftest import EXAMPLES, load_example
 
 from lightning_chaos import ChaosLRFinder, ChaosProbe
 
 pytest.importorskip("jsonargparse")
 pytest.importorskip("sklearn")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("chaos_cli", EXAMPLES / "cli.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_yaml_config_with_command_line_overrides_runs_the_probe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = load_cli().main(
+    cli = load_example("cli").main(
         [
             "fit",
             "--config",
@@ -42,7 +33,7 @@ def test_yaml_config_with_command_line_overrides_runs_the_probe(tmp_path, monkey
 
 def test_finder_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = load_cli().main(
+    cli = load_example("cli").main(
         [
             "fit",
             "--trainer.max_steps=2",
