@@ -179,3 +179,14 @@ def test_onset_rules_on_hand_made_sweeps():
     )
     assert plateau[:2] == (pytest.approx(1.0 / 1.5), 1.0)
     assert "learned at no" in edge_of_chaos_suggestion(lrs, rho, torch.zeros(4, dtype=torch.bool), torch.ones(4))[2]
+
+
+def test_probe_and_finder_together_the_shadows_follow_the_new_learning_rate():
+    from lightning_chaos import ChaosProbe
+
+    probe = ChaosProbe(epsilon=0.0, num_shadows=1, log_every_n_steps=1)  # listed first: clones before the sweep
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=15, refine=0)
+    model, trainer = _fit_dropout_mlp([probe, finder], max_epochs=1)
+    assert finder.result.suggestion is not None and model.lr == finder.result.suggestion
+    assert (probe.distances == 0).all()
+    assert probe._ensemble.optimizers[0].param_groups[0]["lr"] == pytest.approx(finder.result.suggestion)
