@@ -183,6 +183,11 @@ class ShadowEnsemble:
         if not any(mask):
             raise ValueError("`perturb_biases=False` leaves no parameter to perturb: the model has only biases")
         reference_norm = flat_norm(self.real_params, self.norm) if spec.relative else None
+        if reference_norm is not None and not reference_norm > 0:
+            raise ValueError(
+                f"`relative=True` scales δ by ‖θ‖, but ‖θ‖ = {reference_norm.item()} (all-zero or non-finite"
+                " parameters): use `relative=False` for an absolute epsilon"
+            )
         for params in self.shadow_params:
             deltas = []
             for p, perturbed in zip(params, mask):

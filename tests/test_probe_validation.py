@@ -126,3 +126,19 @@ def test_a_model_that_cannot_be_cloned_disables_the_probe_with_a_warning():
     for a, b in zip(parameters_of(reference), parameters_of(probed)):
         assert torch.equal(a, b)
     assert probe.distances.shape == (0, 1)
+
+
+class ZeroModel(Quadratic):
+    def __init__(self):
+        super().__init__((1.0, 2.0), 0.1)
+        with torch.no_grad():
+            self.weight.zero_()
+
+
+def test_relative_epsilon_on_all_zero_parameters_is_refused_with_advice_and_training_goes_on():
+    probe = ChaosProbe()
+    with pytest.warns(UserWarning, match="relative=False"):
+        quiet_trainer(max_steps=3, callbacks=[probe]).fit(ZeroModel(), dummy_loader(3))
+    absolute = ChaosProbe(relative=False, epsilon=1e-6)
+    quiet_trainer(max_steps=3, callbacks=[absolute], precision="64-true").fit(ZeroModel(), dummy_loader(3))
+    assert absolute.distances.shape == (4, 1) and (absolute.distances[0] > 0).all()
