@@ -506,7 +506,7 @@ class ChaosProbe(Callback):
                 f"ChaosProbe: epsilon={self.epsilon:g} is within 100 rounding steps of {dtype} (unit roundoff"
                 f" {unit_roundoff:.1e}): rounding noise will dominate d(t). Use a larger epsilon or a float64 model."
             )
-        elif 0 < self.epsilon and not self.perturbation.relative and dtype != torch.float64 and self.epsilon < 1e-6:
+        elif not self.perturbation.relative and dtype != torch.float64 and 0 < self.epsilon < 1e-6:
             rank_zero_warn(
                 f"ChaosProbe: an absolute epsilon={self.epsilon:g} in a {dtype} model is below the rounding step of"
                 " O(1) weights; most of the perturbation vanishes. The papers use float64 for this reason."
