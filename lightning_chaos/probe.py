@@ -2,7 +2,7 @@
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,6 +19,7 @@ from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+_VECTORIZE_CHOICES = ("auto", True, False)  # checked by identity: 1 == True must not pass
 _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 
@@ -77,6 +78,13 @@ class ChaosProbe(Callback):
         stop_at_target: end training once the target is reached.
         log_every_n_steps: log every N optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
             Distances are measured at every step regardless.
+        vectorize: ``"auto"`` (default) runs K > 1 shadows as one batched computation (``torch.func.vmap`` over
+            their stacked parameters) when the module allows, else one at a time; ``True`` batches even one shadow;
+            ``False`` always steps them one at a time. A module that cannot be batched (a BatchNorm with
+            ``momentum=None``; a ``training_step`` that calls ``.item()``, branches on tensor values or updates a
+            torchmetrics metric) falls back to one at a time, said once at info level. The batched path agrees
+            with the sequential one to float tolerance; only the sequential path is bit-identical to the real
+            model at ``epsilon=0``.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -110,6 +118,7 @@ class ChaosProbe(Callback):
         mode: str = "max",
         stop_at_target: bool = False,
         log_every_n_steps: Optional[int] = None,
+        vectorize: Union[bool, str] = "auto",
     ) -> None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
             raise ValueError(f"`epsilon` must be a finite number >= 0, got {epsilon!r}")
@@ -127,6 +136,8 @@ class ChaosProbe(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}")
+        if not (vectorize == "auto" or isinstance(vectorize, bool)):
+            raise ValueError(f"`vectorize` must be one of {_VECTORIZE_CHOICES}, got {vectorize!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         if mode not in ("max", "min"):
@@ -151,6 +162,7 @@ class ChaosProbe(Callback):
         self.mode = mode
         self.stop_at_target = stop_at_target
         self.log_every_n_steps = log_every_n_steps
+        self.vectorize = vectorize
 
         self._ensemble: Optional[ShadowEnsemble] = None
         self._restored: Optional[dict[str, Any]] = None
@@ -269,6 +281,7 @@ class ChaosProbe(Callback):
                 generator=generator,
                 shadow_states=None if restored is None else restored["shadows"],
                 grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+                vectorize=self.vectorize is True or (self.vectorize == "auto" and self.num_shadows > 1),
             )
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None

@@ -12,10 +12,12 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_chaos.functional.distance import flat_norm, parameter_distance
+from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker
 
 DISTRIBUTIONS = ("uniform", "normal")
 
@@ -126,6 +128,12 @@ class ShadowEnsemble:
         grad_scaler: the real training's GradScaler (``16-mixed``): every shadow gets its own copy, scaled, unscaled,
             stepped and updated as Lightning does for the real optimizer, so a shadow skips exactly the steps with
             non-finite gradients that its own scaler finds.
+        vectorize: run the K shadows' training steps as one ``torch.func.vmap`` over stacked parameters
+            (:mod:`lightning_chaos.vectorized`) when the module allows. When it does not, known before the first step
+            (:func:`~lightning_chaos.vectorized.vectorization_blocker`) or when a vectorised step raises, the
+            shadows run one at a time from then on and the reason is said once at info level
+            (:attr:`sequential_reason`). Both paths agree to float tolerance, not bit for bit: a batched kernel may
+            sum in another order.
     """
 
     def __init__(
@@ -138,6 +146,7 @@ class ShadowEnsemble:
         generator: Optional[torch.Generator] = None,
         shadow_states: Optional[Sequence[dict[str, Any]]] = None,
         grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        vectorize: bool = False,
     ) -> None:
         self.norm = norm
         self.perturbation = perturbation
@@ -145,28 +154,37 @@ class ShadowEnsemble:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to probe")
+        names = [n for n, _ in named]
         self.real_params = [p for _, p in named]
-        self.shadows: list[LightningModule] = []
+        self.shadows: list[LightningModule] = [make_shadow_module(module) for _ in range(num_shadows)]
+        if shadow_states is not None:
+            for shadow, state in zip(self.shadows, shadow_states):
+                shadow.load_state_dict(state["module"])
+        self.stacked: Optional[StackedShadows] = None
+        self.sequential_reason: Optional[str] = None
+        if vectorize:
+            self.sequential_reason = vectorization_blocker(module)
+            if self.sequential_reason is None:
+                self.stacked = StackedShadows(self.shadows, names)  # rebinds the shadows' parameters: optimizers after
+            else:
+                rank_zero_info(f"ChaosProbe: running the shadows one at a time: {self.sequential_reason}.")
         self.optimizers: list[Optimizer] = []
         self.shadow_params: list[list[Tensor]] = []
         self.scalers: list[Optional[torch.amp.GradScaler]] = []
-        for k in range(num_shadows):
-            shadow = make_shadow_module(module)
+        for k, shadow in enumerate(self.shadows):
             shadow_named = dict(shadow.named_parameters())
             param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
             shadow_optimizer = clone_optimizer(optimizer, param_map)
             scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
             if shadow_states is not None:
-                shadow.load_state_dict(shadow_states[k]["module"])
                 shadow_optimizer.load_state_dict(copy.deepcopy(shadow_states[k]["optimizer"]))
                 if scaler is not None and shadow_states[k].get("scaler"):
                     scaler.load_state_dict(shadow_states[k]["scaler"])
             self.scalers.append(scaler)
-            self.shadows.append(shadow)
             self.optimizers.append(shadow_optimizer)
-            self.shadow_params.append([shadow_named[n] for n, _ in named])
+            self.shadow_params.append([shadow_named[n] for n in names])
         if shadow_states is None:
-            self._perturb([n for n, _ in named], generator)
+            self._perturb(names, generator)
         # Benettin bookkeeping: d(0), the distance right after the last pull-back, and Σ ln(d / d_prev).
         self.initial_distance = self.distances()
         self.previous_distance = self.initial_distance.clone()
@@ -224,6 +242,15 @@ class ShadowEnsemble:
             Each shadow's detached training loss (None for a retired shadow or a skipped step), on the device.
         """
         zero_grad = batch_idx % accumulate_grad_batches == 0
+        if self.vectorized:
+            try:
+                return self._forward_backward_vectorized(
+                    batch, batch_idx, rng_state, device, accumulate_grad_batches, step_context, alive, zero_grad
+                )
+            except NotVectorizable as error:
+                self.stacked = None
+                self.sequential_reason = f"a vectorised step failed ({error})"
+                rank_zero_info(f"ChaosProbe: running the shadows one at a time from now on: {self.sequential_reason}.")
         losses: list[Optional[Tensor]] = []
         with _preserved_rng(device):
             for k, shadow in enumerate(self.shadows):
@@ -241,6 +268,46 @@ class ShadowEnsemble:
                         loss = loss.detach()
                 losses.append(loss)
         return losses
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether the next step runs all shadows in one ``vmap``."""
+        return self.stacked is not None
+
+    def _forward_backward_vectorized(
+        self,
+        batch: Any,
+        batch_idx: int,
+        rng_state: tuple[Tensor, Optional[Tensor]],
+        device: torch.device,
+        accumulate_grad_batches: int,
+        step_context: Callable[[], AbstractContextManager],
+        alive: Optional[list[bool]],
+        zero_grad: bool,
+    ) -> list[Optional[Tensor]]:
+        loss_scales = None
+        if any(scaler is not None for scaler in self.scalers):
+            one = torch.ones((), device=device)
+            loss_scales = torch.stack([scaler.scale(one) for scaler in self.scalers])
+        with _preserved_rng(device):
+            _set_rng_state(rng_state, device)  # under randomness="same" every shadow draws the real step's masks
+            losses, grads = self.stacked.forward_backward(
+                batch, batch_idx, step_context, accumulate_grad_batches, loss_scales
+            )
+        # the shadows' .grad are views of the batched gradients: the optimizers, clipping and scalers act on them
+        for k, params in enumerate(self.shadow_params):
+            if alive is not None and not alive[k]:
+                continue
+            if zero_grad:
+                self.optimizers[k].zero_grad(set_to_none=True)
+            for p, grad in zip(params, grads):
+                if grad is None:
+                    continue
+                if p.grad is None:
+                    p.grad = grad[k]
+                else:
+                    p.grad.add_(grad[k])
+        return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
 
     def gradient_clipper(
         self, clip_val: Optional[float], algorithm: Optional[str]

@@ -1,0 +1,139 @@
+"""Vectorised shadows (one torch.func.vmap over stacked parameters) agree with shadows stepped one at a time."""
+
+import logging
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from conftest import DropoutMLP, quiet_trainer, random_classification
+from lightning_chaos import ChaosProbe
+from test_probe_exactness import SETUPS, fit
+
+
+def probed_distances(setup, vectorize, **probe_kwargs):
+    probe = ChaosProbe(num_shadows=3, log_every_n_steps=1, vectorize=vectorize, **probe_kwargs)
+    model, trainer = fit(setup, callbacks=[probe], precision="64-true")
+    assert probe._ensemble.vectorized is vectorize
+    return probe, model
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_vectorized_and_sequential_shadows_agree(name):
+    """Dropout replay, schedulers, clipping, accumulation, momentum and Adam: the same d(t) either way."""
+    batched, _ = probed_distances(SETUPS[name], True, renormalize_every=3)
+    sequential, _ = probed_distances(SETUPS[name], False, renormalize_every=3)
+    # A shadow with another dropout mask would be off by O(d) at once, not by float64 rounding.
+    torch.testing.assert_close(batched.distances, sequential.distances, rtol=1e-9, atol=0)
+    torch.testing.assert_close(batched.running_exponents, sequential.running_exponents, rtol=1e-9, atol=0)
+
+
+def test_vectorized_shadows_at_zero_epsilon_follow_the_real_model_to_rounding():
+    probe = ChaosProbe(epsilon=0.0, num_shadows=4, log_every_n_steps=1)
+    model, _ = fit(SETUPS["dropout+momentum"], callbacks=[probe])
+    assert probe._ensemble.vectorized
+    scale = torch.linalg.vector_norm(torch.cat([p.flatten() for p in model.parameters()])).item()
+    assert probe.distances.max().item() < 1e-6 * scale  # float32 rounding of a batched kernel, never a mask apart
+
+
+def test_vectorized_shadows_are_views_of_one_stacked_tensor_and_train_apart():
+    probe, model = probed_distances(SETUPS["adam+accumulate-2+clip"], True)
+    stacked = probe._ensemble.stacked
+    first_name = next(iter(stacked.parameters))
+    rows = stacked.parameters[first_name]
+    assert rows.shape[0] == 3
+    for k, shadow in enumerate(probe._ensemble.shadows):
+        parameter = shadow.get_parameter(first_name)
+        assert parameter.data_ptr() == rows[k].data_ptr()
+        assert torch.equal(parameter, rows[k])
+    assert (probe.distances[-1] > 0).all()
+    assert not torch.equal(rows[0], rows[1])
+
+
+class BatchNormMLP(L.LightningModule):
+    def __init__(self, momentum=0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, momentum=momentum), nn.ReLU(), nn.Linear(16, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3, momentum=0.9)
+
+
+def fit_batch_norm(vectorize, momentum=0.1):
+    L.seed_everything(3, verbose=False)
+    model = BatchNormMLP(momentum)
+    probe = ChaosProbe(num_shadows=2, log_every_n_steps=1, vectorize=vectorize)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe], precision="64-true")
+    trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+    return probe
+
+
+def test_batch_norm_running_statistics_are_batched_too():
+    batched, sequential = fit_batch_norm(True), fit_batch_norm(False)
+    assert batched._ensemble.vectorized
+    torch.testing.assert_close(batched.distances, sequential.distances, rtol=1e-9, atol=0)
+    for a, b in zip(batched._ensemble.shadows, sequential._ensemble.shadows):
+        norm_a, norm_b = a.net[1], b.net[1]
+        torch.testing.assert_close(norm_a.running_mean, norm_b.running_mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(norm_a.running_var, norm_b.running_var, rtol=1e-9, atol=1e-12)
+        assert norm_a.num_batches_tracked.item() == norm_b.num_batches_tracked.item() == 12
+
+
+def test_cumulative_batch_norm_runs_sequentially_and_says_why(caplog):
+    with caplog.at_level(logging.INFO):
+        probe = fit_batch_norm(True, momentum=None)
+    assert not probe._ensemble.vectorized
+    assert "momentum=None" in probe._ensemble.sequential_reason
+    assert sum("one at a time" in record.getMessage() for record in caplog.records) == 1
+
+
+class ItemMLP(DropoutMLP):
+    """Reads a loss value on the host inside training_step, which vmap cannot batch."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if math.isfinite(loss.item()):
+            self.log("finite_loss", loss)
+        return loss
+
+
+def test_a_training_step_that_cannot_be_batched_falls_back_once_to_the_exact_sequential_path(caplog):
+    """``.item()`` in training_step fails under vmap: the first batched step is redone one shadow at a time, and from
+    then on the run is the sequential one, bit for bit."""
+
+    def run(vectorize):
+        L.seed_everything(5, verbose=False)
+        model = ItemMLP()
+        probe = ChaosProbe(num_shadows=2, log_every_n_steps=1, vectorize=vectorize)
+        trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
+        trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+        return probe
+
+    with caplog.at_level(logging.INFO):
+        fallen_back = run(True)
+    sequential = run(False)
+    assert not fallen_back._ensemble.vectorized
+    assert "vectorised step failed" in fallen_back._ensemble.sequential_reason
+    assert sum("one at a time" in record.getMessage() for record in caplog.records) == 1
+    assert torch.equal(fallen_back.distances, sequential.distances)
+
+
+def test_auto_batches_several_shadows_and_leaves_one_alone():
+    one, several = ChaosProbe(num_shadows=1), ChaosProbe(num_shadows=2)
+    assert one.vectorize == several.vectorize == "auto"
+    fit(SETUPS["dropout+momentum"], callbacks=[one, several], max_epochs=1)
+    assert not one._ensemble.vectorized
+    assert several._ensemble.vectorized
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_vectorize_must_be_auto_or_a_bool(value):
+    with pytest.raises(ValueError, match="`vectorize` must be one of"):
+        ChaosProbe(vectorize=value)
