@@ -170,6 +170,47 @@ class SmallCNN(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        return nn.functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(LightningModule):
+    """ResNet-18 for 32x32 inputs (CIFAR stem: one 3x3 conv, no max-pool), 11.2 M parameters, BatchNorm in training
+    mode; SGD with momentum 0.9 and weight decay 5e-4, as in the usual CIFAR-10 recipe."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.lr = lr
+        layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+        cin = 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+        self.net = nn.Sequential(*layers)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
 MODELS: dict[str, tuple[str, Callable[[], LightningModule], Callable[[], LightningDataModule]]] = {
     "digits": (
         "quickstart MLP 64-128-10 tanh, dropout 0.1, SGD; sklearn digits, batch 64",
@@ -185,6 +226,11 @@ MODELS: dict[str, tuple[str, Callable[[], LightningModule], Callable[[], Lightni
         "CNN conv32-conv64-fc128 (1.2 M params), SGD momentum 0.9; random 1x28x28 inputs, batch 64",
         lambda: SmallCNN(),
         lambda: RandomDataModule((1, 28, 28), size=2048),
+    ),
+    "resnet18": (
+        "ResNet-18 (11.2 M params, BatchNorm), SGD momentum 0.9, wd 5e-4; random 3x32x32 inputs, batch 128",
+        lambda: ResNet18(),
+        lambda: RandomDataModule((3, 32, 32), size=4096, batch_size=128),
     ),
 }
 
@@ -256,9 +302,17 @@ def make_callback(config: str) -> Optional[Callback]:
         return None
     if base.startswith("floor"):
         return FloorCallback(int(base[len("floor") :]))
-    if base.startswith("probe"):  # probeK, or probeK@logN for ChaosProbe(log_every_n_steps=N)
-        shadows, _, log_every = base[len("probe") :].partition("@log")
-        return ChaosProbe(num_shadows=int(shadows), log_every_n_steps=int(log_every) if log_every else None)
+    if base.startswith("probe"):  # probeK, probeK@logN (log_every_n_steps=N), probeK@seq / probeK@vec (vectorize)
+        shadows, *options = base[len("probe") :].split("@")
+        kwargs: dict[str, Any] = {}
+        for option in options:
+            if option.startswith("log"):
+                kwargs["log_every_n_steps"] = int(option[len("log") :])
+            elif option in ("seq", "vec"):
+                kwargs["vectorize"] = option == "vec"
+            else:
+                raise ValueError(config)
+        return ChaosProbe(num_shadows=int(shadows), **kwargs)
     raise ValueError(config)
 
 

@@ -19,7 +19,9 @@ from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-_VECTORIZE_CHOICES = ("auto", True, False)  # checked by identity: 1 == True must not pass
+# "auto" batches from this many shadows on: measured (benchmarks/RESULTS.md), vmap's fixed cost outweighs its gain at
+# K = 2 on small MLPs and a ResNet-18, breaks even at K = 4 and wins from K = 8, on CPU and on an H100 alike.
+_VECTORIZE_MIN_SHADOWS = 4
 _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 
@@ -78,13 +80,14 @@ class ChaosProbe(Callback):
         stop_at_target: end training once the target is reached.
         log_every_n_steps: log every N optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
             Distances are measured at every step regardless.
-        vectorize: ``"auto"`` (default) runs K > 1 shadows as one batched computation (``torch.func.vmap`` over
-            their stacked parameters) when the module allows, else one at a time; ``True`` batches even one shadow;
-            ``False`` always steps them one at a time. A module that cannot be batched (a BatchNorm with
-            ``momentum=None``; a ``training_step`` that calls ``.item()``, branches on tensor values or updates a
-            torchmetrics metric) falls back to one at a time, said once at info level. The batched path agrees
-            with the sequential one to float tolerance; only the sequential path is bit-identical to the real
-            model at ``epsilon=0``.
+        vectorize: ``"auto"`` (default) runs K ≥ 4 shadows as one batched computation (``torch.func.vmap`` over
+            their stacked parameters and buffers) when the module allows, and fewer one at a time: batching costs
+            a fixed overhead that K = 2 does not repay (measured in benchmarks/RESULTS.md). ``True`` batches any K,
+            ``False`` never. A module that cannot be batched falls back to one at a time, said once at info level:
+            a BatchNorm with ``momentum=None``, dropout on CUDA (vmap cannot replay the fused kernel's masks), a
+            ``training_step`` that calls ``.item()`` or branches on tensor values. The batched path agrees with the
+            sequential one to float tolerance; only the sequential path is bit-identical to the real model at
+            ``epsilon=0``.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -136,8 +139,8 @@ class ChaosProbe(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}")
-        if not (vectorize == "auto" or isinstance(vectorize, bool)):
-            raise ValueError(f"`vectorize` must be one of {_VECTORIZE_CHOICES}, got {vectorize!r}")
+        if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
+            raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         if mode not in ("max", "min"):
@@ -281,7 +284,8 @@ class ChaosProbe(Callback):
                 generator=generator,
                 shadow_states=None if restored is None else restored["shadows"],
                 grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
-                vectorize=self.vectorize is True or (self.vectorize == "auto" and self.num_shadows > 1),
+                vectorize=self.vectorize is True
+                or (self.vectorize == "auto" and self.num_shadows >= _VECTORIZE_MIN_SHADOWS),
             )
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None

@@ -163,7 +163,7 @@ class ShadowEnsemble:
         self.stacked: Optional[StackedShadows] = None
         self.sequential_reason: Optional[str] = None
         if vectorize:
-            self.sequential_reason = vectorization_blocker(module)
+            self.sequential_reason = vectorization_blocker(module, self.real_params[0].device)
             if self.sequential_reason is None:
                 self.stacked = StackedShadows(self.shadows, names)  # rebinds the shadows' parameters: optimizers after
             else:

@@ -9,25 +9,46 @@ This layer knows torch only; :class:`~lightning_chaos.shadow.ShadowEnsemble` dec
 """
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
+
+# Under vmap(randomness="same") a dropout draws its mask with bernoulli_. On the CPU so does the real model's dropout,
+# and the masks agree; on CUDA the real model's fused dropout kernel draws another mask from the same RNG state.
+_DROPOUT_FUNCTIONS = {
+    nn.functional.dropout: ("p", 1),
+    nn.functional.dropout1d: ("p", 1),
+    nn.functional.dropout2d: ("p", 1),
+    nn.functional.dropout3d: ("p", 1),
+    nn.functional.alpha_dropout: ("p", 1),
+    nn.functional.feature_alpha_dropout: ("p", 1),
+    torch.dropout: ("p", 1),
+    torch.feature_dropout: ("p", 1),
+    torch.alpha_dropout: ("p", 1),
+    torch.feature_alpha_dropout: ("p", 1),
+    torch.native_dropout: ("p", 1),
+    nn.functional.scaled_dot_product_attention: ("dropout_p", 4),
+}
+_DROPOUT_MODULES = (nn.modules.dropout._DropoutNd,)
 
 
 class NotVectorizable(RuntimeError):
     """The module's training step cannot run under ``vmap``; the caller falls back to one shadow at a time."""
 
 
-def vectorization_blocker(module: nn.Module) -> Optional[str]:
+def vectorization_blocker(module: nn.Module, device: torch.device) -> Optional[str]:
     """Why the shadows of ``module`` cannot share one ``vmap``, found before any step; None if nothing is known to.
 
-    Most obstacles (``.item()``, data-dependent branches, in-place updates of state such as a torchmetrics metric in
-    ``training_step``) only show when the step runs: the first vectorised step that raises turns vectorisation off.
+    Most obstacles (``.item()``, data-dependent branches, a functional dropout on CUDA) only show when the step runs:
+    the first vectorised step that raises turns vectorisation off (see :class:`StackedShadows`).
     """
     for name, submodule in module.named_modules():
+        if device.type == "cuda" and isinstance(submodule, _DROPOUT_MODULES) and submodule.p > 0:
+            return f"{name} is a dropout on CUDA, where a batched dropout cannot replay the real model's fused masks"
         is_batch_norm = isinstance(submodule, nn.modules.batchnorm._NormBase)
         if is_batch_norm and submodule.track_running_stats and submodule.momentum is None:
             # the cumulative average reads num_batches_tracked as a Python number, which a batched tensor is not
@@ -36,6 +57,26 @@ def vectorization_blocker(module: nn.Module) -> Optional[str]:
         if parameter.requires_grad and (parameter.is_sparse or parameter.is_complex()):
             return f"the parameter {name!r} is sparse or complex"
     return None
+
+
+class _DropoutOnCudaGuard(TorchFunctionMode):
+    """Raises :class:`NotVectorizable` at a dropout that would draw other masks than the real model's: any random
+    dropout on CUDA, and an attention with ``dropout_p > 0`` anywhere (its fused kernels draw their own way)."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        spec = _DROPOUT_FUNCTIONS.get(func)
+        if spec is not None:
+            name, position = spec
+            p = kwargs.get(name, args[position] if len(args) > position else 0.5 if name == "p" else 0.0)
+            positional_training = args[2] if name == "p" and len(args) > 2 else True
+            training = kwargs.get("training", kwargs.get("train", positional_training))
+            tensor = args[0] if args else None
+            on_cuda = isinstance(tensor, Tensor) and tensor.is_cuda
+            attention = func is nn.functional.scaled_dot_product_attention
+            if p and training is not False and (on_cuda or attention):
+                raise NotVectorizable(f"{func.__name__} with {name}={p} cannot replay the real model's random mask")
+        return func(*args, **kwargs)
 
 
 class _TrainingStep(nn.Module):
@@ -87,6 +128,7 @@ class StackedShadows:
         self.parameters = _stack_into_views(self.shadows, self.parameter_names, "parameter")
         self.buffers = _stack_into_views(self.shadows, buffer_names, "buffer")
         self._call = _TrainingStep(self.shadows[0])
+        self._checked = False  # the first step runs under _DropoutOnCudaGuard, later ones without its overhead
 
     def forward_backward(
         self,
@@ -125,7 +167,7 @@ class StackedShadows:
             return loss
 
         try:
-            with step_context():
+            with step_context(), (_DropoutOnCudaGuard() if not self._checked else nullcontext()):
                 losses = vmap(shadow_loss, randomness="same")(leaves, buffers)
             scaled = losses / divisor if divisor > 1 else losses  # the sequential path's operations, in its order
             if loss_scales is not None:
@@ -137,4 +179,5 @@ class StackedShadows:
             if isinstance(error, NotVectorizable):
                 raise
             raise NotVectorizable(f"{type(error).__name__}: {error}") from error
+        self._checked = True
         return losses.detach(), list(grads)

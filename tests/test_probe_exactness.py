@@ -111,7 +111,7 @@ def test_shadows_do_not_touch_the_users_torchmetrics_state():
         return model, trainer
 
     plain_model, plain = run([])
-    probe = ChaosProbe(num_shadows=2)
+    probe = ChaosProbe(num_shadows=2, vectorize=True)
     probed_model, probed = run([probe])
     assert torch.equal(plain.callback_metrics["train_acc"], probed.callback_metrics["train_acc"])
     # The shadows updated their own copies of the metric, not the user's, and in one batched step: vmap takes

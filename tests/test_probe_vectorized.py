@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import DropoutMLP, quiet_trainer, random_classification
 from lightning_chaos import ChaosProbe
+from lightning_chaos.vectorized import NotVectorizable, _DropoutOnCudaGuard, vectorization_blocker
 from test_probe_exactness import SETUPS, fit
 
 
@@ -125,15 +126,31 @@ def test_a_training_step_that_cannot_be_batched_falls_back_once_to_the_exact_seq
     assert torch.equal(fallen_back.distances, sequential.distances)
 
 
-def test_auto_batches_several_shadows_and_leaves_one_alone():
-    one, several = ChaosProbe(num_shadows=1), ChaosProbe(num_shadows=2)
-    assert one.vectorize == several.vectorize == "auto"
-    fit(SETUPS["dropout+momentum"], callbacks=[one, several], max_epochs=1)
-    assert not one._ensemble.vectorized
-    assert several._ensemble.vectorized
+def test_auto_batches_from_four_shadows_on():
+    probes = [ChaosProbe(num_shadows=k, seed=k) for k in (1, 2, 3, 4, 8)]
+    assert all(probe.vectorize == "auto" for probe in probes)
+    fit(SETUPS["dropout+momentum"], callbacks=probes, max_epochs=1)
+    assert [probe._ensemble.vectorized for probe in probes] == [False, False, False, True, True]
 
 
 @pytest.mark.parametrize("value", [1, 0, "yes", None])
 def test_vectorize_must_be_auto_or_a_bool(value):
     with pytest.raises(ValueError, match="`vectorize` must be one of"):
         ChaosProbe(vectorize=value)
+
+
+def test_dropout_blocks_batching_on_cuda_only():
+    model = DropoutMLP()
+    assert vectorization_blocker(model, torch.device("cpu")) is None
+    assert "net.2 is a dropout on CUDA" in vectorization_blocker(model, torch.device("cuda"))
+    assert vectorization_blocker(DropoutMLP(dropout=0.0), torch.device("cuda")) is None
+
+
+def test_an_attention_dropout_is_refused_under_the_first_batched_step():
+    """Fused attention draws its dropout its own way: the guard of the first batched step refuses it on any device."""
+    query = torch.randn(1, 4, 8)
+    with _DropoutOnCudaGuard():
+        nn.functional.scaled_dot_product_attention(query, query, query)  # no dropout: fine
+        nn.functional.dropout(query, 0.5, True)  # CPU dropout: replayed exactly under vmap
+        with pytest.raises(NotVectorizable, match="dropout_p=0.1"):
+            nn.functional.scaled_dot_product_attention(query, query, query, dropout_p=0.1)
