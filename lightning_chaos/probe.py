@@ -88,6 +88,11 @@ class ChaosProbe(Callback):
             ``training_step`` that calls ``.item()`` or branches on tensor values. The batched path agrees with the
             sequential one to float tolerance; only the sequential path is bit-identical to the real model at
             ``epsilon=0``.
+        start_step: the real model's optimizer step (``trainer.global_step``) at which the shadows are cloned from
+            it; until then the probe costs nothing. Probe a window of a long or large training this way.
+        stop_step: the optimizer step after which the shadows are released (their parameters and optimizer state
+            freed); the results and logs stay. ``None``: probe until the end of training. Logged metrics are
+            plotted at the real model's step either way.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -122,6 +127,8 @@ class ChaosProbe(Callback):
         stop_at_target: bool = False,
         log_every_n_steps: Optional[int] = None,
         vectorize: Union[bool, str] = "auto",
+        start_step: int = 0,
+        stop_step: Optional[int] = None,
     ) -> None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
             raise ValueError(f"`epsilon` must be a finite number >= 0, got {epsilon!r}")
@@ -141,6 +148,12 @@ class ChaosProbe(Callback):
             raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}")
         if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
             raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+        if stop_step is not None and (
+            isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step <= start_step
+        ):
+            raise ValueError(f"`stop_step` must be None or an integer > start_step={start_step}, got {stop_step!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer, got {seed!r}")
         if mode not in ("max", "min"):
@@ -166,6 +179,8 @@ class ChaosProbe(Callback):
         self.stop_at_target = stop_at_target
         self.log_every_n_steps = log_every_n_steps
         self.vectorize = vectorize
+        self.start_step = start_step
+        self.stop_step = stop_step
 
         self._ensemble: Optional[ShadowEnsemble] = None
         self._restored: Optional[dict[str, Any]] = None
@@ -174,6 +189,9 @@ class ChaosProbe(Callback):
 
     def _reset_measurements(self) -> None:
         self._steps = 0
+        self._attach_step = 0  # the real model's global step when the shadows were cloned: logs are plotted from it
+        self._stopped = False
+        self._final_running: Optional[Tensor] = None
         self._history: list[Tensor] = []  # CPU float64 blocks [n, K]
         self._pending: list[Tensor] = []  # device tensors [K], not yet moved to the host
         self._alive = [True] * self.num_shadows
@@ -218,6 +236,8 @@ class ChaosProbe(Callback):
     def running_exponents(self) -> Tensor:
         """Running exponent per shadow, float64 [num_shadows]: Σ ln(d/d_prev)/t renormalised, ln(d(t)/d(0))/t free."""
         self._flush()
+        if self._final_running is not None:  # stopped at stop_step: the shadows are gone, their result stays
+            return self._final_running.clone()
         if self._steps == 0 or self._ensemble is None:
             return torch.full((self.num_shadows,), math.nan, dtype=torch.float64)
         renormalized = self.renormalize_every is not None
@@ -272,7 +292,27 @@ class ChaosProbe(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._disabled = False
+        self._ensemble = None
         restored, self._restored = self._restored, None
+        if not trainer.loggers:
+            rank_zero_warn(
+                "ChaosProbe: the Trainer has no logger, so nothing will be logged; the results stay on the callback"
+                " (`probe.distances`, `probe.lyapunov_exponent`, `probe.time_to_target`)."
+            )
+        chaos_logging.write_layout(trainer)
+        self._hparams = {
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
+            "chaos/epsilon": self.epsilon,
+            "chaos/num_shadows": self.num_shadows,
+        }
+        self._reset_measurements()
+        if restored is not None and restored.get("stopped"):  # resumed after stop_step: the measurements only
+            self._load_measurements(restored)
+        elif restored is not None or trainer.global_step >= self.start_step:
+            self._attach(trainer, pl_module, restored)
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule, restored: Optional[dict[str, Any]]) -> None:
+        """Clone the model as it is now into the shadows (or rebuild them from a checkpoint) and start measuring."""
         generator = torch.Generator().manual_seed(self.seed)
         try:
             self._ensemble = ShadowEnsemble(
@@ -292,26 +332,22 @@ class ChaosProbe(Callback):
             self._disable(f"ChaosProbe could not clone the model into shadows: {error!r}")
             return
         self._reset_measurements()
-        if restored is None:
-            self._pending.append(self._ensemble.initial_distance)
-        else:
-            self._load_measurements(restored)
         self._warn_about_precision(pl_module)
-        if not trainer.loggers:
-            rank_zero_warn(
-                "ChaosProbe: the Trainer has no logger, so nothing will be logged; the results stay on the callback"
-                " (`probe.distances`, `probe.lyapunov_exponent`, `probe.time_to_target`)."
-            )
-        chaos_logging.write_layout(trainer)
-        self._hparams = {
-            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan,
-            "chaos/epsilon": self.epsilon,
-            "chaos/num_shadows": self.num_shadows,
-        }
-        if restored is None:
-            self._log(trainer)
+        if restored is not None:
+            self._load_measurements(restored)
+            return
+        self._attach_step = trainer.global_step
+        self._pending.append(self._ensemble.initial_distance)
+        self._log(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if (
+            self._ensemble is None
+            and not (self._disabled or self._stopped)
+            and trainer.global_step >= self.start_step
+            and batch_idx % trainer.accumulate_grad_batches == 0  # attach between optimizer steps only
+        ):
+            self._attach(trainer, pl_module, None)
         if self._active:
             self._rng_state = capture_rng_state(pl_module.device)
 
@@ -339,29 +375,31 @@ class ChaosProbe(Callback):
         self._check_target(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._ensemble is None or self._steps == 0:
+        if self._steps == 0:
             return
         self._log(trainer, final=True)
         exponents = self.local_exponents
-        chaos_logging.write_exponent_histogram(trainer, exponents, self._steps)
+        chaos_logging.write_exponent_histogram(trainer, exponents, self._attach_step + self._steps)
         chaos_logging.write_hparams(trainer, self._hparams, self._hparam_metrics())
         rank_zero_info(self._summary(exponents))
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self._ensemble is None:
+        if self._ensemble is None and not self._stopped:
             return {}
         self._flush()
-        return {
+        state = {
             "steps": self._steps,
+            "attach_step": self._attach_step,
             "distances": self.distances,
-            "measurements": self._ensemble.measurement_state(),
             "alive": list(self._alive),
             "time_to_target": self._time_to_target,
             "elapsed_seconds": self._elapsed_seconds(),
-            "shadows": self._ensemble.state_dicts(),
         }
+        if self._stopped:
+            return {**state, "stopped": True, "running_exponents": self._final_running}
+        return {**state, "measurements": self._ensemble.measurement_state(), "shadows": self._ensemble.state_dicts()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Devices are not known yet (the module moves later): shadows are rebuilt from this at fit start.
@@ -369,8 +407,13 @@ class ChaosProbe(Callback):
 
     def _load_measurements(self, state: dict[str, Any]) -> None:
         self._steps = state["steps"]
+        self._attach_step = state.get("attach_step", 0)
         self._history = [state["distances"].to(torch.float64)]
-        self._ensemble.load_measurement_state(state["measurements"])
+        if state.get("stopped"):
+            self._stopped = True
+            self._final_running = state["running_exponents"]
+        else:
+            self._ensemble.load_measurement_state(state["measurements"])
         self._alive = list(state["alive"])
         self._time_to_target = state["time_to_target"]
         self._elapsed_before_resume = state["elapsed_seconds"]
@@ -379,7 +422,7 @@ class ChaosProbe(Callback):
 
     @property
     def _active(self) -> bool:
-        return self._ensemble is not None and not self._disabled
+        return self._ensemble is not None and not (self._disabled or self._stopped)
 
     def _lockstep(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         ensemble = self._ensemble
@@ -408,6 +451,18 @@ class ChaosProbe(Callback):
             ensemble.pull_back(distances)
         if self._steps % self._log_interval(trainer) == 0:
             self._log(trainer)
+        if self.stop_step is not None and trainer.global_step >= self.stop_step:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        """At ``stop_step``: log, keep the results, and free the shadows' parameters and optimizer state."""
+        self._log(trainer)
+        self._final_running = self.running_exponents
+        self._stopped = True
+        self._ensemble.release()
+        rank_zero_info(
+            f"ChaosProbe: stopped at step {trainer.global_step} after {self._steps} probed steps; shadows released."
+        )
 
     def _log_interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 1
@@ -449,7 +504,7 @@ class ChaosProbe(Callback):
         if self._steps > 0 and (final or self._logs_written % _FIT_EVERY_N_LOGS == 1):
             metrics.update(self._fit_metrics(alive))
         if metrics:
-            chaos_logging.log_metrics(trainer, metrics, self._steps)
+            chaos_logging.log_metrics(trainer, metrics, self._attach_step + self._steps)
         self._last_logged_step = self._steps
 
     def _distance_metrics(self, alive: Tensor) -> dict[str, float]:
@@ -507,7 +562,7 @@ class ChaosProbe(Callback):
         }
         chaos_logging.log_metrics(
             trainer, {f"{chaos_logging.TIME_TO_TARGET}/{key}": float(v) for key, v in self._time_to_target.items()},
-            self._steps,
+            self._attach_step + self._steps,
         )
         if self.stop_at_target:
             trainer.should_stop = True

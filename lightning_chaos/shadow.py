@@ -455,6 +455,11 @@ class ShadowEnsemble:
                     continue
                 value.sub_(reference).mul_(scale).add_(reference)
 
+    def release(self) -> None:
+        """Free the shadows (modules, parameters, gradients, optimizer state); the measurement state stays."""
+        self.shadows, self.optimizers, self.shadow_params, self.scalers = [], [], [], []
+        self.stacked = None
+
     # -- checkpointing ----------------------------------------------------------------------------------------------
 
     def state_dicts(self) -> list[dict[str, Any]]:
