@@ -19,9 +19,12 @@ from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-# "auto" batches from this many shadows on: measured (benchmarks/RESULTS.md), vmap's fixed cost outweighs its gain at
-# K = 2 on small MLPs and a ResNet-18, breaks even at K = 4 and wins from K = 8, on CPU and on an H100 alike.
+# "auto" batches K >= 4 shadows of models up to 1 M parameters. Measured (benchmarks/RESULTS.md): on MLPs of 10-100 k
+# parameters vmap's fixed cost outweighs its gain at K = 2, breaks even at K = 4 and halves the time at K = 16, on CPU
+# and on an H100 alike; on a ResNet-18 (11 M), bound by arithmetic, it gains at most 8 % and holds the activations of
+# all K shadows at once (16.5 GB instead of 2.9 GB at K = 16).
 _VECTORIZE_MIN_SHADOWS = 4
+_VECTORIZE_MAX_PARAMETERS = 1_000_000
 _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 
@@ -80,10 +83,11 @@ class ChaosProbe(Callback):
         stop_at_target: end training once the target is reached.
         log_every_n_steps: log every N optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``.
             Distances are measured at every step regardless.
-        vectorize: ``"auto"`` (default) runs K ≥ 4 shadows as one batched computation (``torch.func.vmap`` over
-            their stacked parameters and buffers) when the module allows, and fewer one at a time: batching costs
-            a fixed overhead that K = 2 does not repay (measured in benchmarks/RESULTS.md). ``True`` batches any K,
-            ``False`` never. A module that cannot be batched falls back to one at a time, said once at info level:
+        vectorize: ``"auto"`` (default) runs K ≥ 4 shadows of a model of up to 1 M parameters as one batched
+            computation (``torch.func.vmap`` over their stacked parameters and buffers), else one at a time.
+            Measured (benchmarks/RESULTS.md): batching halves the shadows' time at K = 16 on small models, whose
+            steps are bound by kernel launches, costs more than it saves at K = 2, and gains little on large
+            models while holding all K shadows' activations at once. ``True`` batches any K, ``False`` never. A module that cannot be batched falls back to one at a time, said once at info level:
             a BatchNorm with ``momentum=None``, dropout on CUDA (vmap cannot replay the fused kernel's masks), a
             ``training_step`` that calls ``.item()`` or branches on tensor values. The batched path agrees with the
             sequential one to float tolerance; only the sequential path is bit-identical to the real model at
@@ -324,8 +328,7 @@ class ChaosProbe(Callback):
                 generator=generator,
                 shadow_states=None if restored is None else restored["shadows"],
                 grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
-                vectorize=self.vectorize is True
-                or (self.vectorize == "auto" and self.num_shadows >= _VECTORIZE_MIN_SHADOWS),
+                vectorize=self._should_vectorize(pl_module),
             )
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None
@@ -453,6 +456,12 @@ class ChaosProbe(Callback):
             self._log(trainer)
         if self.stop_step is not None and trainer.global_step >= self.stop_step:
             self._stop(trainer)
+
+    def _should_vectorize(self, pl_module: LightningModule) -> bool:
+        if self.vectorize != "auto":
+            return self.vectorize
+        size = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        return self.num_shadows >= _VECTORIZE_MIN_SHADOWS and size <= _VECTORIZE_MAX_PARAMETERS
 
     def _stop(self, trainer: Trainer) -> None:
         """At ``stop_step``: log, keep the results, and free the shadows' parameters and optimizer state."""

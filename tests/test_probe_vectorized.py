@@ -126,6 +126,21 @@ def test_a_training_step_that_cannot_be_batched_falls_back_once_to_the_exact_seq
     assert torch.equal(fallen_back.distances, sequential.distances)
 
 
+class WideLinear(DropoutMLP):
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.net = nn.Sequential(nn.Linear(8, 1000), nn.Linear(1000, 1000), nn.Linear(1000, 3))  # 1.01 M parameters
+
+
+def test_auto_leaves_models_over_a_million_parameters_sequential():
+    probe = ChaosProbe(num_shadows=4)
+    quiet_trainer(max_steps=1, callbacks=[probe]).fit(WideLinear(), DataLoader(random_classification(), batch_size=16))
+    assert not probe._ensemble.vectorized
+    forced = ChaosProbe(num_shadows=4, vectorize=True)
+    quiet_trainer(max_steps=1, callbacks=[forced]).fit(WideLinear(), DataLoader(random_classification(), batch_size=16))
+    assert forced._ensemble.vectorized
+
+
 def test_auto_batches_from_four_shadows_on():
     probes = [ChaosProbe(num_shadows=k, seed=k) for k in (1, 2, 3, 4, 8)]
     assert all(probe.vectorize == "auto" for probe in probes)
