@@ -469,9 +469,9 @@ def measure_overhead(steps: int = 200, repeats: int = 5, lr: float = 1.0) -> lis
             model.training_step((x_train, y_train), 0).backward()
             optimizer.step()
 
-    def trainer(num_probes: int, one_batch_epochs: bool) -> None:
-        probes = [ChaosProbe(epsilon=1e-8, num_shadows=5, relative=False, norm="l1", seed=k, log_every_n_steps=10**9)
-                  for k in range(num_probes)]
+    def trainer(num_probes: int, one_batch_epochs: bool, vectorize: bool = True) -> None:
+        probes = [ChaosProbe(epsilon=1e-8, num_shadows=5, relative=False, norm="l1", seed=k, log_every_n_steps=10**9,
+                             vectorize=vectorize) for k in range(num_probes)]
         if one_batch_epochs:
             fit_trainer = minimal_trainer(-1, probes, max_epochs=steps)
             loader = DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=len(y_train))
@@ -484,9 +484,11 @@ def measure_overhead(steps: int = 200, repeats: int = 5, lr: float = 1.0) -> lis
         ("plain PyTorch loop, real model only", plain),
         ("Trainer, no probe, 1 epoch of 200 full batches", lambda: trainer(0, False)),
         ("Trainer, no probe, 200 one-batch epochs", lambda: trainer(0, True)),
-        ("Trainer + ChaosProbe (5 shadows), 1 epoch of 200 batches", lambda: trainer(1, False)),
-        ("Trainer + ChaosProbe (5 shadows), 200 one-batch epochs", lambda: trainer(1, True)),
-        ("Trainer + 7 ChaosProbes (35 shadows, the ε sweep)", lambda: trainer(7, False)),
+        ("Trainer + ChaosProbe (5 shadows, batched), 1 epoch of 200 batches", lambda: trainer(1, False)),
+        ("Trainer + ChaosProbe (5 shadows, one at a time), 1 epoch of 200 batches", lambda: trainer(1, False, False)),
+        ("Trainer + ChaosProbe (5 shadows, batched), 200 one-batch epochs", lambda: trainer(1, True)),
+        ("Trainer + 7 ChaosProbes (35 shadows, the ε sweep), batched", lambda: trainer(7, False)),
+        ("Trainer + 7 ChaosProbes (35 shadows, the ε sweep), one at a time", lambda: trainer(7, False, False)),
     ]
     times: dict = {name: [] for name, _ in variants}
     for _ in range(repeats):
