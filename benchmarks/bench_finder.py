@@ -28,6 +28,8 @@ Usage
     python benchmarks/bench_finder.py                                   # all tasks, 3 seeds (~20 min on 2 cores)
     python benchmarks/bench_finder.py --tasks digits_mlp --seeds 1      # quick look
     python benchmarks/bench_finder.py --json /tmp/finder.json           # raw results (every run) as JSON
+    python benchmarks/bench_finder.py --timing-only --timing-reps 5     # wall times only: stacked, sequential, lr_find
+    python benchmarks/bench_finder.py --timing-only --accelerator cuda  # the same on a GPU
 
 Tasks are defined in benchmarks/tasks.py. Torch runs with one intra-op thread (``--threads``): a shared 2-core machine
 gains nothing from a second thread on these models and loses a lot when the other core is busy.
@@ -95,10 +97,13 @@ class TimeToTarget(Callback):
             trainer.should_stop = True
 
 
+ACCELERATOR = "cpu"  # --accelerator
+
+
 def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
     return Trainer(
         max_steps=max_steps,
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -173,6 +178,63 @@ def run_finders(task: Task, seed: int, root: str) -> dict:
         call()
     out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
     return out
+
+
+def run_timing(task: Task, rep: int, root: str) -> dict:
+    """Wall time of find_chaos_lr stacked (one vmap per step) and one candidate at a time, and of lr_find, on fresh
+    copies of the same model, in an order that rotates with ``rep``."""
+    out: dict[str, Any] = {"rep": rep}
+
+    def chaos(vectorize: bool) -> None:
+        seed_everything(rep, verbose=False)
+        dm, model = task.make_datamodule(), task.make_model(task.default_lr)
+        trainer = _trainer(task.budget, [], root)
+        started = time.perf_counter()
+        result = find_chaos_lr(trainer, model, datamodule=dm, vectorize=vectorize)
+        name = "stacked" if vectorize else "sequential"
+        out[f"{name}_seconds"] = time.perf_counter() - started
+        out[f"{name}_suggestion"] = result.suggestion
+        out[f"{name}_exponents"] = dict(zip(result.lrs.tolist(), result.exponents.tolist()))
+
+    def lr_find() -> None:
+        seed_everything(rep, verbose=False)
+        dm, model = task.make_datamodule(), task.make_model(task.default_lr)
+        trainer = _trainer(task.budget, [], root)
+        started = time.perf_counter()
+        Tuner(trainer).lr_find(model, datamodule=dm)
+        out["lrfind_seconds"] = time.perf_counter() - started
+
+    calls = [lambda: chaos(True), lambda: chaos(False), lr_find]
+    for call in calls[rep % 3 :] + calls[: rep % 3]:
+        call()
+    return out
+
+
+def timing_only(args: argparse.Namespace) -> None:
+    """``--timing-only``: the finder's wall time, stacked and sequential, against lr_find; no τ runs."""
+    report: dict[str, Any] = {"accelerator": ACCELERATOR, "tasks": {}}
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.tasks:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                run_timing(TASKS[name], 99, root)  # warm-up: imports, kernels, data caches
+                reps = [run_timing(TASKS[name], rep, root) for rep in range(args.timing_reps)]
+            report["tasks"][name] = reps
+            med = {k: statistics.median(r[f"{k}_seconds"] for r in reps) for k in ("stacked", "sequential", "lrfind")}
+            ratios = {
+                k: statistics.median(r[f"{k}_seconds"] / r["lrfind_seconds"] for r in reps)
+                for k in ("stacked", "sequential")
+            }
+            speedup = statistics.median(r["sequential_seconds"] / r["stacked_seconds"] for r in reps)
+            same = all(r["stacked_suggestion"] == r["sequential_suggestion"] for r in reps)
+            print(
+                f"[{name}] stacked {med['stacked']:.2f} s ({ratios['stacked']:.1f}x lr_find) | sequential"
+                f" {med['sequential']:.2f} s ({ratios['sequential']:.1f}x) | lr_find {med['lrfind']:.2f} s |"
+                f" sequential/stacked {speedup:.2f} | same suggestion: {same}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, default=str)
 
 
 def median_tau(values: list[float]) -> float:
@@ -358,7 +420,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="", help="write every run here")
     parser.add_argument("--from-json", default="", help="only print the tables of a saved --json file")
+    parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
+    parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
     args = parser.parse_args()
+    global ACCELERATOR
+    ACCELERATOR = args.accelerator
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)
@@ -370,6 +436,9 @@ def main() -> None:
         if name.startswith("lightning"):
             logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if args.timing_only:
+        timing_only(args)
+        return
 
     decades = math.log10(args.grid_max / args.grid_min)
     num = int(round(decades * args.per_decade)) + 1

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.exponents import benettin_exponent
 from lightning_chaos.functional.onset import ONSET_RULES, chaotic_mask, edge_of_chaos_suggestion
-from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module
+from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
+from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker, worth_vectorizing
 
 # A reference run "learns" when its mean loss over the last quarter of the window is below this share of its first loss
 # (at the initial parameters, the same for every η); it "diverged" when the loss turns non-finite or exceeds this many times its first loss.
@@ -145,6 +146,11 @@ class ChaosLRFinder(Callback):
         attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
         update_attr: write the suggestion into the model and the optimizer.
         seed: seed of the perturbations, the re-initialisations and the sweep's dropout masks.
+        vectorize: train the candidates of a grid (every η's reference and shadows) as one ``torch.func.vmap`` per
+            step. ``"auto"`` (default) does for models up to 1 M parameters that vmap can run (no dropout on CUDA, no
+            ``.item()`` in ``training_step``). It then runs the whole coarse grid at once, without stopping past the
+            edge. Otherwise, or with ``False``, the candidates train one after the other, with two copies of the
+            model in memory instead of 2 × ``num_lrs``. Both give the same Λ(η) to float tolerance.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -178,6 +184,7 @@ class ChaosLRFinder(Callback):
         attr_name: str = "",
         update_attr: bool = True,
         seed: int = 0,
+        vectorize: Union[bool, str] = "auto",
     ) -> None:
         for name, value in (("min_lr", min_lr), ("max_lr", max_lr), ("epsilon", epsilon)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
@@ -196,6 +203,8 @@ class ChaosLRFinder(Callback):
                 raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}")
         if rule not in ONSET_RULES:
             raise ValueError(f"`rule` must be one of {ONSET_RULES}, got {rule!r}")
+        if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
+            raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1:
             raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
         self.min_lr = float(min_lr)
@@ -212,6 +221,8 @@ class ChaosLRFinder(Callback):
         self.attr_name = attr_name
         self.update_attr = update_attr
         self.seed = seed
+        self.vectorize = vectorize
+        self._stack = False
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
 
@@ -259,10 +270,14 @@ class ChaosLRFinder(Callback):
         coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
         runs: dict[float, list[tuple[float, float, bool]]] = {}
         progress = self._progress(trainer, self.num_lrs * len(inits))
-        for lr in coarse.tolist():
-            self._run_grid(trainer, pl_module, [lr], inits, batches, base_lr, runs, progress)
-            if self._past_the_edge(runs):
-                break  # larger learning rates only fail faster: the rest of the grid adds nothing
+        self._stack = self._should_stack(pl_module)
+        if self._stack:  # the whole coarse grid in one vmap per step
+            self._run_grid(trainer, pl_module, coarse.tolist(), inits, batches, base_lr, runs, progress)
+        else:
+            for lr in coarse.tolist():
+                self._run_grid(trainer, pl_module, [lr], inits, batches, base_lr, runs, progress)
+                if self._past_the_edge(runs):
+                    break  # larger learning rates only fail faster: the rest of the grid adds nothing
         result = self._summarise(runs)
         if self.refine and result.onset is not None and result.onset > result.lrs[0].item():
             below = result.lrs[result.lrs < result.onset][-1].item()
@@ -276,6 +291,16 @@ class ChaosLRFinder(Callback):
             progress.close()
         return result
 
+    def _should_stack(self, pl_module: LightningModule) -> bool:
+        copies = self.num_lrs * (1 + self.num_shadows)
+        wanted = worth_vectorizing(pl_module, copies) if self.vectorize == "auto" else self.vectorize
+        if not wanted:
+            return False
+        reason = vectorization_blocker(pl_module, pl_module.device)
+        if reason is not None:
+            rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")
+        return reason is None
+
     def _past_the_edge(self, runs: dict[float, list[tuple[float, float, bool]]]) -> bool:
         """Whether the latest η is chaotic and not learning, after some smaller η learned."""
         lrs = sorted(runs)
@@ -288,22 +313,23 @@ class ChaosLRFinder(Callback):
     def _run_grid(self, trainer, pl_module, lrs, inits, batches, base_lr, runs, progress) -> None:
         for lr in lrs:
             runs[lr] = []
-            for init_state in inits:
-                runs[lr].append(self._run_candidate(trainer, pl_module, init_state, lr / base_lr, batches))
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(lr=f"{lr:.3g}")
+        for init_state in inits:
+            candidates = [self._candidate(trainer, pl_module, init_state, lr / base_lr) for lr in lrs]
+            if self._stack:
+                self._train_stacked(pl_module, candidates, batches, trainer.precision_plugin.train_step_context)
+            else:
+                for candidate in candidates:
+                    self._train_one(pl_module, candidate, batches, trainer.precision_plugin.train_step_context)
+            for lr, candidate in zip(lrs, candidates):
+                runs[lr].append(candidate.result(len(batches), self.renormalize_every))
+            if progress is not None:
+                progress.update(len(lrs))
+                progress.set_postfix(lr=f"{lrs[-1]:.3g}")
 
-    def _run_candidate(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        init_state: Optional[dict[str, Tensor]],
-        lr_scale: float,
-        batches: list[tuple[Any, tuple[Tensor, Optional[Tensor]]]],
-    ) -> tuple[float, float, bool]:
-        """Train a reference and its shadows at one η on (batch, RNG state) pairs; return (Λ, loss ratio, learning)."""
-        device = pl_module.device
+    def _candidate(
+        self, trainer: Trainer, pl_module: LightningModule, init_state: Optional[dict[str, Tensor]], lr_scale: float
+    ) -> "_Candidate":
+        """A reference copy of the model at one η, fresh optimizer state, and its ε-perturbed shadows."""
         optimizer = trainer.optimizers[0]
         reference = ShadowEnsemble(pl_module, optimizer, 1, Perturbation(0.0))
         if init_state is not None:
@@ -312,54 +338,57 @@ class ChaosLRFinder(Callback):
         reference_optimizer.state.clear()  # the sweep starts every η from a fresh optimizer
         for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
             group["lr"] = template["lr"] * lr_scale
-        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in reference_optimizer.param_groups]
-        generator = torch.Generator().manual_seed(self.seed)
         shadows = ShadowEnsemble(
             reference.shadows[0],
             reference_optimizer,
             self.num_shadows,
             Perturbation(self.epsilon, relative=True, perturb_biases=True),
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),
         )
-        step_context = trainer.precision_plugin.train_step_context
-        reference_clip = reference.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-        shadow_clip = shadows.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-        losses: list[Tensor] = []
-        steps = 0
-        transient = torch.zeros(self.num_shadows, device=device)
-        for batch_idx, (batch, rng_state) in enumerate(batches):
-            loss = reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
-            shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
-            reference.optimizer_step(hyperparameters, reference_clip)
-            shadows.optimizer_step(hyperparameters, shadow_clip)
-            steps += 1
-            if steps % self.renormalize_every == 0:  # distances are needed only at pull-backs and at the end
-                shadows.pull_back(shadows.distances())
-                if steps == self.renormalize_every:  # the first period aligns the separation: leave it out
-                    transient = shadows.log_growth_sum.clone()
-            if loss is not None:
-                losses.append(loss)
-            if steps % _DIVERGENCE_CHECK_EVERY == 0 and losses and self._diverged(losses):
-                break
-        pulled_back = steps % self.renormalize_every == 0
-        growth = shadows.log_growth(shadows.distances(), renormalized=True, pulled_back=pulled_back)
-        if steps > self.renormalize_every:
-            growth, measured = growth - transient.to(growth), steps - self.renormalize_every
-        else:
-            measured = steps
-        exponent = benettin_exponent(growth.double().cpu(), measured).nanmean().item()
-        loss_values = torch.stack(losses).double().cpu() if losses else torch.tensor([math.nan])
-        head = loss_values[0]  # the loss at the initial parameters: the same for every η
-        tail = loss_values[-max(1, len(loss_values) // 4) :].mean()
-        ratio = (tail / head).item()
-        diverged = steps < len(batches) or not torch.isfinite(loss_values).all()
-        learning = not diverged and ratio < _LEARNING_LOSS_RATIO
-        return exponent, ratio, learning
+        return _Candidate(reference, shadows, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
 
-    @staticmethod
-    def _diverged(losses: list[Tensor]) -> bool:
-        first, last = losses[0].item(), losses[-1].item()
-        return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
+    def _train_one(self, pl_module: LightningModule, candidate: "_Candidate", batches: list, step_context) -> None:
+        """One candidate after the other: only two copies of the model in memory at a time."""
+        device = pl_module.device
+        for batch_idx, (batch, rng_state) in enumerate(batches):
+            loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
+            candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
+            if candidate.step(loss, self.renormalize_every):
+                break
+
+    def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list, step_context):
+        """All candidates (references and shadows of every η) in one ``vmap`` per step; one at a time from the step
+        where a batched step fails (the reason is said once at info level)."""
+        device = pl_module.device
+        members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        stacked: Optional[StackedShadows] = StackedShadows(members, names)
+        width = 1 + self.num_shadows
+        for batch_idx, (batch, rng_state) in enumerate(batches):
+            active = [c for c in candidates if not c.done]
+            if not active:
+                break  # every candidate diverged: nothing left to learn from these steps
+            losses = None
+            if stacked is not None:
+                try:
+                    with replayed_rng(rng_state, device):
+                        losses, grads = stacked.forward_backward(batch, batch_idx, step_context)
+                except NotVectorizable as error:
+                    stacked = None
+                    self._stack = False
+                    rank_zero_info(f"ChaosLRFinder: training the candidates one at a time from now on: {error}.")
+            for index, candidate in enumerate(candidates):
+                if candidate.done:
+                    continue
+                if losses is not None:
+                    offset = index * width
+                    candidate.reference.take_gradients(grads, [offset], zero_grad=True)
+                    candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), zero_grad=True)
+                    loss = losses[offset]
+                else:
+                    loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
+                    candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
+                candidate.step(loss, self.renormalize_every)
 
     def _summarise(self, runs: dict[float, list[tuple[float, float, bool]]]) -> ChaosLRFinderResult:
         lrs = sorted(runs)
@@ -471,6 +500,61 @@ class ChaosLRFinder(Callback):
             return
         for logger in chaos_logging.tensorboard_loggers(trainer):
             chaos_logging.write_finder_result(logger, result)
+
+
+class _Candidate:
+    """One η of the sweep: a reference run and its shadows, their losses, and the Benettin bookkeeping."""
+
+    def __init__(
+        self, reference: ShadowEnsemble, shadows: ShadowEnsemble, clip_val: Optional[float], clip_algorithm: Optional[str]
+    ) -> None:
+        self.reference, self.shadows = reference, shadows
+        self.hyperparameters = [
+            {k: v for k, v in group.items() if k != "params"} for group in reference.optimizers[0].param_groups
+        ]
+        self.reference_clip = reference.gradient_clipper(clip_val, clip_algorithm)
+        self.shadow_clip = shadows.gradient_clipper(clip_val, clip_algorithm)
+        self.losses: list[Tensor] = []
+        self.steps = 0
+        self.transient = torch.zeros(len(shadows.shadows), device=reference.real_params[0].device)
+        self.done = False
+
+    def step(self, loss: Optional[Tensor], renormalize_every: int) -> bool:
+        """The optimizer steps after a backward, the pull-back every period; True once the run diverged."""
+        self.reference.optimizer_step(self.hyperparameters, self.reference_clip)
+        self.shadows.optimizer_step(self.hyperparameters, self.shadow_clip)
+        self.steps += 1
+        if self.steps % renormalize_every == 0:  # distances are needed only at pull-backs and at the end
+            self.shadows.pull_back(self.shadows.distances())
+            if self.steps == renormalize_every:  # the first period aligns the separation: leave it out
+                self.transient = self.shadows.log_growth_sum.clone()
+        if loss is not None:
+            self.losses.append(loss)
+        if self.steps % _DIVERGENCE_CHECK_EVERY == 0 and self.losses and self._diverged():
+            self.done = True
+        return self.done
+
+    def _diverged(self) -> bool:
+        first, last = self.losses[0].item(), self.losses[-1].item()
+        return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
+
+    def result(self, planned_steps: int, renormalize_every: int) -> tuple[float, float, bool]:
+        """(Λ, loss ratio, learning) of this η."""
+        steps, shadows = self.steps, self.shadows
+        pulled_back = steps % renormalize_every == 0
+        growth = shadows.log_growth(shadows.distances(), renormalized=True, pulled_back=pulled_back)
+        if steps > renormalize_every:
+            growth, measured = growth - self.transient.to(growth), steps - renormalize_every
+        else:
+            measured = steps
+        exponent = benettin_exponent(growth.double().cpu(), measured).nanmean().item()
+        loss_values = torch.stack(self.losses).double().cpu() if self.losses else torch.tensor([math.nan])
+        head = loss_values[0]  # the loss at the initial parameters: the same for every η
+        tail = loss_values[-max(1, len(loss_values) // 4) :].mean()
+        ratio = (tail / head).item()
+        diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
+        learning = not diverged and ratio < _LEARNING_LOSS_RATIO
+        return exponent, ratio, learning
 
 
 def _batches_of(loader: CombinedLoader):

@@ -17,14 +17,9 @@ from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
+from lightning_chaos.vectorized import worth_vectorizing
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-# "auto" batches K >= 4 shadows of models up to 1 M parameters. Measured (benchmarks/RESULTS.md): on MLPs of 10-100 k
-# parameters vmap's fixed cost outweighs its gain at K = 2, breaks even at K = 4 and halves the time at K = 16, on CPU
-# and on an H100 alike; on a ResNet-18 (11 M), bound by arithmetic, it gains at most 8 % and holds the activations of
-# all K shadows at once (16.5 GB instead of 2.9 GB at K = 16).
-_VECTORIZE_MIN_SHADOWS = 4
-_VECTORIZE_MAX_PARAMETERS = 1_000_000
 _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 
@@ -458,10 +453,7 @@ class ChaosProbe(Callback):
             self._stop(trainer)
 
     def _should_vectorize(self, pl_module: LightningModule) -> bool:
-        if self.vectorize != "auto":
-            return self.vectorize
-        size = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        return self.num_shadows >= _VECTORIZE_MIN_SHADOWS and size <= _VECTORIZE_MAX_PARAMETERS
+        return worth_vectorizing(pl_module, self.num_shadows) if self.vectorize == "auto" else self.vectorize
 
     def _stop(self, trainer: Trainer) -> None:
         """At ``stop_step``: log, keep the results, and free the shadows' parameters and optimizer state."""

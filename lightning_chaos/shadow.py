@@ -62,6 +62,14 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
         _set_rng_state(saved, device)
 
 
+@contextmanager
+def replayed_rng(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> Iterator[None]:
+    """Run the body from the RNG ``state`` (the dropout masks a real step drew), then restore the caller's stream."""
+    with _preserved_rng(device):
+        _set_rng_state(state, device)
+        yield
+
+
 def clone_optimizer(optimizer: Optimizer, param_map: dict[int, Tensor]) -> Optimizer:
     """A fresh optimizer of the same class over the mapped parameters, with a deep copy of the state.
 
@@ -165,7 +173,7 @@ class ShadowEnsemble:
         if vectorize:
             self.sequential_reason = vectorization_blocker(module, self.real_params[0].device)
             if self.sequential_reason is None:
-                self.stacked = StackedShadows(self.shadows, names)  # rebinds the shadows' parameters: optimizers after
+                self.stacked = StackedShadows(self.shadows, names)
             else:
                 rank_zero_info(f"ChaosProbe: running the shadows one at a time: {self.sequential_reason}.")
         self.optimizers: list[Optimizer] = []
@@ -289,13 +297,22 @@ class ShadowEnsemble:
         if any(scaler is not None for scaler in self.scalers):
             one = torch.ones((), device=device)
             loss_scales = torch.stack([scaler.scale(one) for scaler in self.scalers])
-        with _preserved_rng(device):
-            _set_rng_state(rng_state, device)  # under randomness="same" every shadow draws the real step's masks
+        with replayed_rng(rng_state, device):  # under randomness="same" every shadow draws the real step's masks
             losses, grads = self.stacked.forward_backward(
                 batch, batch_idx, step_context, accumulate_grad_batches, loss_scales
             )
-        # the shadows' .grad are views of the batched gradients: the optimizers, clipping and scalers act on them
-        for k, params in enumerate(self.shadow_params):
+        self.take_gradients(grads, range(len(self.shadows)), zero_grad, alive)
+        return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
+
+    def take_gradients(
+        self, grads: Sequence[Optional[Tensor]], rows: Sequence[int], zero_grad: bool, alive: Optional[list[bool]] = None
+    ) -> None:
+        """Give shadow k the gradients in row ``rows[k]`` of batched ``grads`` (one ``[N, ...]`` tensor or None per
+        trainable parameter), zeroing first at the start of an accumulation window, adding otherwise.
+
+        The shadows' ``.grad`` become views of the batched gradients: the optimizers, clipping and scalers act on them.
+        """
+        for k, (params, row) in enumerate(zip(self.shadow_params, rows)):
             if alive is not None and not alive[k]:
                 continue
             if zero_grad:
@@ -304,10 +321,9 @@ class ShadowEnsemble:
                 if grad is None:
                     continue
                 if p.grad is None:
-                    p.grad = grad[k]
+                    p.grad = grad[row]
                 else:
-                    p.grad.add_(grad[k])
-        return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
+                    p.grad.add_(grad[row])
 
     def gradient_clipper(
         self, clip_val: Optional[float], algorithm: Optional[str]

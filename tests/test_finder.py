@@ -14,7 +14,8 @@ from lightning_chaos.functional.onset import chaotic_mask, edge_of_chaos_suggest
 EIGENVALUES = (1.0, 2.0, 3.0)
 
 
-def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made():
+@pytest.mark.parametrize("vectorize", [True, False], ids=["stacked", "one-at-a-time"])
+def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made(vectorize):
     model = Quadratic(EIGENVALUES, lr=0.1)
     before = model.weight.detach().clone()
     with pytest.warns(UserWarning, match="only where learning has already failed"):
@@ -26,6 +27,7 @@ def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made():
             max_lr=2.0,
             num_lrs=12,
             steps_per_lr=200,
+            vectorize=vectorize,
         )
     exact = torch.tensor([math.log(max(abs(1 - lr * a) for a in EIGENVALUES)) for lr in result.lrs.tolist()])
     tolerance = torch.maximum(0.02 * exact.abs(), torch.full_like(exact, 0.01))
@@ -106,6 +108,48 @@ def test_digits_suggestion_lies_between_stable_and_divergent_learning_rates():
     assert result.learning[result.lrs <= result.suggestion][-1]
 
 
+def _digits_sweep(model_class, vectorize):
+    from lightning_chaos.demo import DigitsDataModule
+
+    L.seed_everything(0, verbose=False)
+    return find_chaos_lr(quiet_trainer(max_epochs=1), model_class(hidden=(32,), dropout=0.1, lr=0.1),
+                         datamodule=DigitsDataModule(batch_size=64), min_lr=0.01, max_lr=20.0, num_lrs=5,
+                         steps_per_lr=30, refine=1, update_attr=False, vectorize=vectorize)
+
+
+def test_stacked_and_one_at_a_time_sweeps_agree_on_real_digits():
+    """All candidates in one vmap per step (dropout replayed) give the exponents of the candidates run in turn."""
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import MLPClassifier
+
+    stacked, sequential = _digits_sweep(MLPClassifier, True), _digits_sweep(MLPClassifier, False)
+    assert stacked.suggestion == pytest.approx(sequential.suggestion)
+    common = [lr for lr in sequential.lrs.tolist() if lr in stacked.lrs.tolist()]
+    assert len(common) >= 4  # one at a time stops past the edge; stacked runs the whole coarse grid
+    pick = lambda result: result.exponents[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
+    torch.testing.assert_close(pick(stacked), pick(sequential), rtol=1e-3, atol=1e-6)
+
+
+def test_a_training_step_vmap_cannot_run_falls_back_to_one_candidate_at_a_time(caplog):
+    pytest.importorskip("sklearn")
+    import logging
+
+    from lightning_chaos.demo import MLPClassifier
+
+    class ItemClassifier(MLPClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if math.isfinite(loss.item()):
+                self.log("finite", loss)
+            return loss
+
+    with caplog.at_level(logging.INFO):
+        fallen_back = _digits_sweep(ItemClassifier, True)
+    assert any("one at a time from now on" in record.getMessage() for record in caplog.records)
+    sequential = _digits_sweep(ItemClassifier, False)
+    assert fallen_back.suggestion == sequential.suggestion
+
+
 def test_plot_draws_without_a_display():
     pytest.importorskip("matplotlib")
     result = find_chaos_lr(quiet_trainer(max_steps=5, precision="64-true"), Quadratic(EIGENVALUES, 0.1),
@@ -129,6 +173,7 @@ def test_plot_draws_without_a_display():
         ({"rule": "vibes"}, "rule"),
         ({"margin": 0.5}, "margin"),
         ({"epsilon": 0.0}, "epsilon"),
+        ({"vectorize": 1}, "vectorize"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):
