@@ -62,3 +62,34 @@ def test_dropout_on_cuda_runs_the_shadows_one_at_a_time():
     assert not probe._ensemble.vectorized
     assert "dropout on CUDA" in probe._ensemble.sequential_reason
     assert (probe.distances == 0).all()
+
+
+class SmallConvNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 3),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x.view(-1, 1, 4, 2).repeat(1, 1, 3, 4)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def test_batched_convolutions_agree_with_one_at_a_time_on_cuda():
+    """vmap turns convolutions with batched weights into grouped ones, for which cuDNN would pick TF32 kernels:
+    the batched path turns them off, so both paths agree to float32 tolerance."""
+    runs = {}
+    for vectorize in (False, True):
+        L.seed_everything(4, verbose=False)
+        probe = ChaosProbe(num_shadows=4, log_every_n_steps=1, vectorize=vectorize)
+        trainer = quiet_trainer(accelerator="cuda", max_epochs=2, callbacks=[probe])
+        trainer.fit(SmallConvNet(), DataLoader(random_classification(), batch_size=16, shuffle=True))
+        assert probe._ensemble.vectorized is vectorize
+        runs[vectorize] = probe.distances
+    assert torch.backends.cudnn.allow_tf32  # the user's setting is restored
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-4, atol=0)

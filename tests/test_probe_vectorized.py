@@ -169,3 +169,35 @@ def test_an_attention_dropout_is_refused_under_the_first_batched_step():
         nn.functional.dropout(query, 0.5, True)  # CPU dropout: replayed exactly under vmap
         with pytest.raises(NotVectorizable, match="dropout_p=0.1"):
             nn.functional.scaled_dot_product_attention(query, query, query, dropout_p=0.1)
+
+
+class DropoutConvNet(L.LightningModule):
+    """Convolutions with Dropout2d, AlphaDropout and a functional dropout: every dropout kind vmap must replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Dropout2d(0.3), nn.Flatten(), nn.AlphaDropout(0.2), nn.Linear(144, 3)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(nn.functional.dropout(self.net(x), 0.2), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_batched_convolutions_replay_every_dropout_kind_on_the_cpu():
+    def run(vectorize):
+        L.seed_everything(0, verbose=False)
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+        probe = ChaosProbe(num_shadows=3, vectorize=vectorize, log_every_n_steps=1)
+        quiet_trainer(max_epochs=2, callbacks=[probe], precision="64-true").fit(
+            DropoutConvNet(), DataLoader(data, batch_size=16, shuffle=True)
+        )
+        assert probe._ensemble.vectorized is vectorize
+        return probe.distances
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-9, atol=0)
