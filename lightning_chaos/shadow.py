@@ -252,13 +252,17 @@ class ShadowEnsemble:
         zero_grad = batch_idx % accumulate_grad_batches == 0
         if self.vectorized:
             try:
-                return self._forward_backward_vectorized(
-                    batch, batch_idx, rng_state, device, accumulate_grad_batches, step_context, alive, zero_grad
-                )
+                with replayed_rng(rng_state, device):  # under randomness="same" each shadow draws the real masks
+                    losses, grads = self.stacked.forward_backward(
+                        batch, batch_idx, step_context, accumulate_grad_batches, self._loss_scales(device)
+                    )
             except NotVectorizable as error:
                 self.stacked = None
                 self.sequential_reason = f"a vectorised step failed ({error})"
                 rank_zero_info(f"ChaosProbe: running the shadows one at a time from now on: {self.sequential_reason}.")
+            else:
+                self.take_gradients(grads, range(len(self.shadows)), zero_grad, alive)
+                return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
         losses: list[Optional[Tensor]] = []
         with _preserved_rng(device):
             for k, shadow in enumerate(self.shadows):
@@ -282,27 +286,12 @@ class ShadowEnsemble:
         """Whether the next step runs all shadows in one ``vmap``."""
         return self.stacked is not None
 
-    def _forward_backward_vectorized(
-        self,
-        batch: Any,
-        batch_idx: int,
-        rng_state: tuple[Tensor, Optional[Tensor]],
-        device: torch.device,
-        accumulate_grad_batches: int,
-        step_context: Callable[[], AbstractContextManager],
-        alive: Optional[list[bool]],
-        zero_grad: bool,
-    ) -> list[Optional[Tensor]]:
-        loss_scales = None
-        if any(scaler is not None for scaler in self.scalers):
-            one = torch.ones((), device=device)
-            loss_scales = torch.stack([scaler.scale(one) for scaler in self.scalers])
-        with replayed_rng(rng_state, device):  # under randomness="same" every shadow draws the real step's masks
-            losses, grads = self.stacked.forward_backward(
-                batch, batch_idx, step_context, accumulate_grad_batches, loss_scales
-            )
-        self.take_gradients(grads, range(len(self.shadows)), zero_grad, alive)
-        return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
+    def _loss_scales(self, device: torch.device) -> Optional[Tensor]:
+        """Each shadow's GradScaler scale as one tensor [K] (16-mixed), or None."""
+        if all(scaler is None for scaler in self.scalers):
+            return None
+        one = torch.ones((), device=device)
+        return torch.stack([scaler.scale(one) for scaler in self.scalers])
 
     def take_gradients(
         self, grads: Sequence[Optional[Tensor]], rows: Sequence[int], zero_grad: bool, alive: Optional[list[bool]] = None
