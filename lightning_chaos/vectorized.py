@@ -5,7 +5,8 @@ parameter is a view of its row, so the shadows' optimizers, clipping, scalers an
 on separate copies. A step is then one ``vmap`` over ``functional_call(training_step)`` and one backward, instead of K
 training steps: K small kernels become one wide one, which is where a GPU gains.
 
-This layer knows torch only; :class:`~lightning_chaos.shadow.ShadowEnsemble` decides when to use it.
+This layer knows torch only. The probe's :class:`~lightning_chaos.shadow.ShadowEnsemble` and the finder (which stacks the
+candidates of a whole learning-rate grid) decide when to use it.
 """
 
 from collections.abc import Iterator, Sequence
