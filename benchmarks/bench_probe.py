@@ -638,7 +638,7 @@ def install_class_wrappers() -> None:
     E.forward_backward = timed("probe: ensemble.forward_backward", E.forward_backward)
     E.optimizer_step = timed("probe: ensemble.optimizer_step", E.optimizer_step)
     E.distances = timed("probe: ensemble.distances", E.distances)
-    shadow_module._replayed_rng = timed_cm("probe: _replayed_rng enter+exit", shadow_module._replayed_rng)
+    shadow_module._preserved_rng = timed_cm("probe: _preserved_rng enter+exit", shadow_module._preserved_rng)
     FloorCallback.on_train_batch_end = timed("floor: on_train_batch_end (whole)", FloorCallback.on_train_batch_end)
     # Tensor.backward counts the real model's backward and the copies' (both go through Tensor.backward)
     Tensor.backward = timed("both: Tensor.backward (real model + copy)", Tensor.backward)
@@ -783,10 +783,10 @@ def run_micro(args: argparse.Namespace, tmpdir: str) -> dict[str, float]:
                 state = shadow_module.capture_rng_state(device)
 
                 def replay() -> None:
-                    with shadow_module._replayed_rng(state, device):
+                    with shadow_module.replayed_rng(state, device):
                         pass
 
-                out["_replayed_rng enter+exit (per shadow)"] = _per_call_us(replay, n)
+                out["replayed_rng enter+exit"] = _per_call_us(replay, n)
                 plugin = trainer.precision_plugin
 
                 def ctx() -> None:
