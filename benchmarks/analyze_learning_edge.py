@@ -8,39 +8,66 @@ is held out: it is a lead for the next benchmark, not evidence for a default.
     python benchmarks/analyze_learning_edge.py
 """
 
-import json, gzip, math, statistics
-data = {}
-for f in ["benchmarks/results/finder_run3_cpu.json.gz", "benchmarks/results/finder_heldout_cpu.json.gz"]:
-    d = json.load(gzip.open(f))
-    data.update(d["tasks"])
-def key(lr, seed): return f"{lr:.6g}@{seed}"
-def tau_near(task, lr, seed):
-    grid = task["grid"]
-    # log-linear interpolation of tau between the grid points around lr (inf if either neighbour never)
-    lo = max([g for g in grid if g <= lr * 1.0000001], default=None); hi = min([g for g in grid if g >= lr * 0.9999999], default=None)
-    t = lambda g: task["runs"][[k for k in task["runs"] if k.endswith(f"|{seed}") and abs(float(k.split("|")[0]) - g) / g < 1e-4][0]]["tau"]
-    if lo is None or hi is None: return math.inf
-    a, b = t(lo), t(hi)
-    if lo == hi: return a
-    if math.isinf(a) or math.isinf(b): return max(a, b) if not (math.isinf(a) and math.isinf(b)) else math.inf
-    w = (math.log(lr) - math.log(lo)) / (math.log(hi) - math.log(lo))
+import gzip
+import json
+import math
+import os
+import statistics
+from typing import Optional
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FILES = ("finder_run3_cpu.json.gz", "finder_heldout_cpu.json.gz")
+
+
+def grid_tau(task: dict, lr: float, seed: int) -> float:
+    """The measured τ of grid point ``lr`` for ``seed`` (run keys are ``"<lr>|<seed>"``)."""
+    for key, run in task["runs"].items():
+        value, run_seed = key.split("|")
+        if int(run_seed) == seed and abs(float(value) - lr) / lr < 1e-4:
+            return run["tau"]
+    raise KeyError((lr, seed))
+
+
+def interpolated_tau(task: dict, lr: float, seed: int) -> float:
+    below = [g for g in task["grid"] if g <= lr * (1 + 1e-7)]
+    above = [g for g in task["grid"] if g >= lr * (1 - 1e-7)]
+    if not below or not above:
+        return math.inf
+    low, high = max(below), min(above)
+    a, b = grid_tau(task, low, seed), grid_tau(task, high, seed)
+    if low == high or math.isinf(a) or math.isinf(b):
+        return a if low == high else max(a, b)
+    w = (math.log(lr) - math.log(low)) / (math.log(high) - math.log(low))
     return a * (1 - w) + b * w
-def rule_top(chaos, k, margin):
-    lrs, ratios, learning = chaos["lrs"], chaos["loss_ratio"], chaos["learning"]
-    best = min(r for r, l in zip(ratios, learning) if l) if any(learning) else None
-    if best is None: return None
-    ok = [lr for lr, r, l in zip(lrs, ratios, learning) if l and r <= best * k]
-    return max(ok) / margin
-for k in (1.25, 1.5, 2.0, 3.0):
-  for margin in (1.0, 1.25, 1.5, 2.0):
-    worst = 0; rows = []
-    for name, task in data.items():
-        taus = []
-        best_grid = min(statistics.median(task["runs"][[kk for kk in task["runs"] if kk.endswith(f"|{s}") and abs(float(kk.split("|")[0]) - g)/g < 1e-4][0]]["tau"] for s in task["seeds"]) for g in task["grid"])
-        for f in task["finders"][:3]:
-            lr = rule_top(f["chaos"], k, margin)
-            taus.append(tau_near(task, lr, f["seed"]) if lr else math.inf)
-        ratio = statistics.median(taus) / best_grid
-        rows.append(f"{name}:{ratio:.2f}")
-        worst = max(worst, ratio)
-    print(f"k={k} m={margin} worst={worst:.2f} ", " ".join(rows))
+
+
+def learning_edge(sweep: dict, k: float, margin: float) -> Optional[float]:
+    learned = [(lr, ratio) for lr, ratio, learns in zip(sweep["lrs"], sweep["loss_ratio"], sweep["learning"]) if learns]
+    if not learned:
+        return None
+    best = min(ratio for _, ratio in learned)
+    return max(lr for lr, ratio in learned if ratio <= best * k) / margin
+
+
+def main() -> None:
+    tasks: dict = {}
+    for name in FILES:
+        with gzip.open(os.path.join(RESULTS, name)) as fh:
+            tasks.update(json.load(fh)["tasks"])
+    for k in (1.25, 1.5, 2.0, 3.0):
+        for margin in (1.0, 1.25, 1.5, 2.0):
+            cells, worst = [], 0.0
+            for name, task in tasks.items():
+                best = min(statistics.median(grid_tau(task, g, s) for s in task["seeds"]) for g in task["grid"])
+                taus = []
+                for finder in task["finders"][: len(task["seeds"])]:
+                    lr = learning_edge(finder["chaos"], k, margin)
+                    taus.append(math.inf if lr is None else interpolated_tau(task, lr, finder["seed"]))
+                ratio = statistics.median(taus) / best
+                worst = max(worst, ratio)
+                cells.append(f"{name} {ratio:.2f}")
+            print(f"k={k} margin={margin}: worst {worst:.2f} | " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
