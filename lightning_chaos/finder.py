@@ -296,7 +296,7 @@ class ChaosLRFinder(Callback):
         wanted = worth_vectorizing(pl_module, copies) if self.vectorize == "auto" else self.vectorize
         if not wanted:
             return False
-        reason = vectorization_blocker(pl_module, pl_module.device)
+        reason = vectorization_blocker(pl_module, pl_module.device, stacks_the_reference=True)
         if reason is not None:
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")
         return reason is None
@@ -362,7 +362,12 @@ class ChaosLRFinder(Callback):
         device = pl_module.device
         members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        stacked: Optional[StackedShadows] = StackedShadows(members, names)
+        try:
+            stacked: Optional[StackedShadows] = StackedShadows(members, names, full_precision_convolutions=True)
+        except Exception as error:  # an odd module must not stop the sweep: train the candidates in turn
+            stacked = None
+            self._stack = False
+            rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
         width = 1 + self.num_shadows
         for batch_idx, (batch, rng_state) in enumerate(batches):
             active = [c for c in candidates if not c.done]

@@ -83,8 +83,9 @@ class ChaosProbe(Callback):
             Measured (benchmarks/RESULTS.md): batching halves the shadows' time at K = 16 on small models, whose
             steps are bound by kernel launches, costs more than it saves at K = 2, and gains little on large
             models while holding all K shadows' activations at once. ``True`` batches any K, ``False`` never. A module that cannot be batched falls back to one at a time, said once at info level:
-            a BatchNorm with ``momentum=None``, dropout on CUDA (vmap cannot replay the fused kernel's masks), a
-            ``training_step`` that calls ``.item()`` or branches on tensor values. The batched path agrees with the
+            a BatchNorm with ``momentum=None``, dropout on CUDA (vmap cannot replay the fused kernel's masks),
+            convolutions on CUDA with TF32 allowed (a grouped convolution rounds differently), a ``training_step``
+            that calls ``.item()``, branches on tensor values or reassigns a buffer. The batched path agrees with the
             sequential one to float tolerance; only the sequential path is bit-identical to the real model at
             ``epsilon=0``.
         start_step: the real model's optimizer step (``trainer.global_step``) at which the shadows are cloned from
@@ -185,6 +186,7 @@ class ChaosProbe(Callback):
         self._restored: Optional[dict[str, Any]] = None
         self._disabled = False
         self._reset_measurements()
+        self._reset_clock()
 
     def _reset_measurements(self) -> None:
         self._steps = 0
@@ -199,6 +201,9 @@ class ChaosProbe(Callback):
         self._last_logged_step: Optional[int] = None
         self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
+
+    def _reset_clock(self) -> None:
+        """Time-to-target runs from fit start, whenever the shadows attach."""
         self._time_to_target: Optional[dict[str, float]] = None
         self._start_time = time.monotonic()
         self._elapsed_before_resume = 0.0
@@ -305,10 +310,16 @@ class ChaosProbe(Callback):
             "chaos/num_shadows": self.num_shadows,
         }
         self._reset_measurements()
+        self._reset_clock()
+        if restored is not None:
+            self._time_to_target = restored.get("time_to_target")
+            self._elapsed_before_resume = restored.get("elapsed_seconds", 0.0)
         if restored is not None and restored.get("stopped"):  # resumed after stop_step: the measurements only
             self._load_measurements(restored)
-        elif restored is not None or trainer.global_step >= self.start_step:
+        elif restored is not None and "shadows" in restored:
             self._attach(trainer, pl_module, restored)
+        # Otherwise the shadows are cloned at the first batch at or after start_step: not here, because Lightning
+        # restores a checkpoint's optimizer state and global step only after on_fit_start.
 
     def _attach(self, trainer: Trainer, pl_module: LightningModule, restored: Optional[dict[str, Any]]) -> None:
         """Clone the model as it is now into the shadows (or rebuild them from a checkpoint) and start measuring."""
@@ -384,8 +395,10 @@ class ChaosProbe(Callback):
     # -- checkpointing --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if self._ensemble is None and not self._stopped:
-            return {}
+        if self._ensemble is None and not self._stopped:  # not attached yet: only a target already reached
+            if self._time_to_target is None:
+                return {}
+            return {"time_to_target": self._time_to_target, "elapsed_seconds": self._elapsed_seconds()}
         self._flush()
         state = {
             "steps": self._steps,
@@ -413,8 +426,6 @@ class ChaosProbe(Callback):
         else:
             self._ensemble.load_measurement_state(state["measurements"])
         self._alive = list(state["alive"])
-        self._time_to_target = state["time_to_target"]
-        self._elapsed_before_resume = state["elapsed_seconds"]
 
     # -- internals ------------------------------------------------------------------------------------------------
 
@@ -563,7 +574,7 @@ class ChaosProbe(Callback):
         }
         chaos_logging.log_metrics(
             trainer, {f"{chaos_logging.TIME_TO_TARGET}/{key}": float(v) for key, v in self._time_to_target.items()},
-            self._attach_step + self._steps,
+            trainer.global_step,
         )
         if self.stop_at_target:
             trainer.should_stop = True

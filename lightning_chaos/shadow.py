@@ -302,10 +302,10 @@ class ShadowEnsemble:
         The shadows' ``.grad`` become views of the batched gradients: the optimizers, clipping and scalers act on them.
         """
         for k, (params, row) in enumerate(zip(self.shadow_params, rows)):
+            if zero_grad:  # a retired shadow too: its .grad must not keep a whole batched gradient alive
+                self.optimizers[k].zero_grad(set_to_none=True)
             if alive is not None and not alive[k]:
                 continue
-            if zero_grad:
-                self.optimizers[k].zero_grad(set_to_none=True)
             for p, grad in zip(params, grads):
                 if grad is None:
                     continue

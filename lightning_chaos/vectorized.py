@@ -55,8 +55,11 @@ class NotVectorizable(RuntimeError):
     """The module's training step cannot run under ``vmap``; the caller falls back to one shadow at a time."""
 
 
-def vectorization_blocker(module: nn.Module, device: torch.device) -> Optional[str]:
+def vectorization_blocker(module: nn.Module, device: torch.device, stacks_the_reference: bool = False) -> Optional[str]:
     """Why the shadows of ``module`` cannot share one ``vmap``, found before any step; None if nothing is known to.
+
+    ``stacks_the_reference``: the trajectories compared are all in the stack (the finder), so they can share a
+    numerical precision the real model does not use.
 
     Most obstacles (``.item()``, data-dependent branches, a functional dropout on CUDA) only show when the step runs:
     the first vectorised step that raises turns vectorisation off (see :class:`StackedShadows`).
@@ -64,6 +67,16 @@ def vectorization_blocker(module: nn.Module, device: torch.device) -> Optional[s
     for name, submodule in module.named_modules():
         if device.type == "cuda" and isinstance(submodule, _DROPOUT_MODULES) and submodule.p > 0:
             return f"{name} is a dropout on CUDA, where a batched dropout cannot replay the real model's fused masks"
+        if (
+            device.type == "cuda"
+            and not stacks_the_reference
+            and isinstance(submodule, nn.modules.conv._ConvNd)
+            and torch.backends.cudnn.allow_tf32
+        ):
+            return (
+                f"{name} is a convolution on CUDA with TF32 allowed (torch.backends.cudnn.allow_tf32), which cuDNN"
+                " rounds differently for the batched (grouped) convolution than for the real model's"
+            )
         is_batch_norm = isinstance(submodule, nn.modules.batchnorm._NormBase)
         if is_batch_norm and submodule.track_running_stats and submodule.momentum is None:
             # the cumulative average reads num_batches_tracked as a Python number, which a batched tensor is not
@@ -112,14 +125,26 @@ def _convolutions_without_tf32() -> Iterator[None]:
 
 
 class _TrainingStep(nn.Module):
-    """Presents a LightningModule's ``training_step`` as ``forward``, for ``functional_call``."""
+    """Presents a LightningModule's ``training_step`` as ``forward``, for ``functional_call``.
+
+    ``functional_call`` puts the module's own tensors back afterwards, so a ``training_step`` that *reassigns* a
+    buffer (``self.ema = 0.9 * self.ema + ...``) would lose the update without a word: that raises
+    :class:`NotVectorizable` instead. In-place updates (BatchNorm's running statistics) keep the tensor and are fine.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.passed: dict[str, Tensor] = {}
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
-        return self.module.training_step(batch, batch_idx)
+        output = self.module.training_step(batch, batch_idx)
+        for name, tensor in self.passed.items():
+            module_path, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(module_path)
+            if getattr(owner, leaf) is not tensor:
+                raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
+        return output
 
 
 def _stack_into_views(tensors_per_module: Sequence[Sequence[Tensor]]) -> list[Tensor]:
@@ -144,10 +169,17 @@ class StackedShadows:
     Args:
         shadows: K copies of the same LightningModule (same architecture, same parameter names).
         parameter_names: names of the trainable parameters, in the order the caller uses.
+        full_precision_convolutions: run the batched convolutions with TF32 off (see
+            :func:`_convolutions_without_tf32`). Right when every trajectory compared is in the stack (the finder);
+            the probe compares with a real model outside it, so there :func:`vectorization_blocker` refuses
+            convolutions that the real model may run in TF32 instead.
     """
 
-    def __init__(self, shadows: Sequence[nn.Module], parameter_names: list[str]) -> None:
+    def __init__(
+        self, shadows: Sequence[nn.Module], parameter_names: list[str], full_precision_convolutions: bool = False
+    ) -> None:
         self.shadows = list(shadows)
+        self.full_precision_convolutions = full_precision_convolutions
         self.parameter_names = list(parameter_names)
         buffer_names = [name for name, buffer in shadows[0].named_buffers() if buffer is not None]
         parameter_rows = _stack_into_views([[m.get_parameter(n) for n in parameter_names] for m in self.shadows])
@@ -187,20 +219,22 @@ class StackedShadows:
         saved_buffers = [rows.clone() for rows in self.buffers.values()]
 
         def shadow_loss(parameters: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
-            output = functional_call(self._call, {**parameters, **buffers}, (batch, batch_idx))
+            self._call.passed = {**parameters, **buffers}
+            output = functional_call(self._call, self._call.passed, (batch, batch_idx))
             loss = output if output is None or isinstance(output, Tensor) else output.get("loss")
             if loss is None:
                 raise NotVectorizable("training_step returned no loss for this batch")
             return loss
 
         guard = _DropoutOnCudaGuard() if not self._checked else nullcontext()
+        full_precision = _convolutions_without_tf32 if self.full_precision_convolutions else nullcontext
         try:
-            with step_context(), guard, _convolutions_without_tf32():
+            with step_context(), guard, full_precision():
                 losses = vmap(shadow_loss, randomness="same")(leaves, buffers)
             scaled = losses / divisor if divisor > 1 else losses  # the sequential path's operations, in its order
             if loss_scales is not None:
                 scaled = scaled * loss_scales
-            with _convolutions_without_tf32():  # the backward convolutions too
+            with full_precision():  # the backward convolutions too
                 grads = torch.autograd.grad(scaled.sum(), list(leaves.values()), allow_unused=True)
         except Exception as error:
             for rows, saved in zip(self.buffers.values(), saved_buffers):
@@ -208,5 +242,7 @@ class StackedShadows:
             if isinstance(error, NotVectorizable):
                 raise
             raise NotVectorizable(f"{type(error).__name__}: {error}") from error
+        finally:
+            self._call.passed = {}  # no batched tensors outlive the call
         self._checked = True
         return losses.detach(), list(grads)

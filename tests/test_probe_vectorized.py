@@ -201,3 +201,64 @@ def test_batched_convolutions_replay_every_dropout_kind_on_the_cpu():
         return probe.distances
 
     torch.testing.assert_close(run(True), run(False), rtol=1e-9, atol=0)
+
+
+class EmaMLP(DropoutMLP):
+    """Reassigns a buffer in training_step, which functional_call would silently undo after a batched step."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.register_buffer("ema", torch.ones(3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.ema = 0.9 * self.ema + 0.1 * self.net(x).detach().mean(0)
+        return nn.functional.cross_entropy(self.net(x) + self.ema, y)
+
+
+def test_a_reassigned_buffer_falls_back_to_the_exact_sequential_path():
+    def run(vectorize):
+        L.seed_everything(2, verbose=False)
+        probe = ChaosProbe(num_shadows=2, log_every_n_steps=1, vectorize=vectorize)
+        quiet_trainer(max_epochs=1, callbacks=[probe], precision="64-true").fit(
+            EmaMLP(), DataLoader(random_classification(), batch_size=16)
+        )
+        return probe
+
+    fallen_back, sequential = run(True), run(False)
+    assert "reassigns 'ema'" in fallen_back._ensemble.sequential_reason
+    assert torch.equal(fallen_back.distances, sequential.distances)
+    for a, b in zip(fallen_back._ensemble.shadows, sequential._ensemble.shadows):
+        assert torch.equal(a.ema, b.ema)
+
+
+def test_a_retired_shadow_holds_no_view_of_the_batched_gradients():
+    from lightning_chaos.shadow import Perturbation, ShadowEnsemble
+
+    model = DropoutMLP(dropout=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ensemble = ShadowEnsemble(model, optimizer, 2, Perturbation(1e-3), vectorize=True)
+    grads = [torch.ones(2, *p.shape) for p in ensemble.real_params]
+    ensemble.take_gradients(grads, [0, 1], zero_grad=True)
+    ensemble.take_gradients(grads, [0, 1], zero_grad=True, alive=[True, False])
+    assert all(p.grad is not None and p.grad._base is g for p, g in zip(ensemble.shadow_params[0], grads))
+    assert all(p.grad is None for p in ensemble.shadow_params[1])
+
+
+def test_convolutions_on_cuda_with_tf32_allowed_are_not_batched_for_the_probe():
+    """The batched (grouped) convolution would round differently from the real model's TF32 one; the finder,
+    which stacks its references too, can batch them in full precision instead."""
+    model = DropoutConvNet()
+    model.net[2].p = 0.0
+    model.net[4].p = 0.0
+    cuda = torch.device("cuda")
+    allowed = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert "TF32 allowed" in vectorization_blocker(model, cuda)
+        assert vectorization_blocker(model, cuda, stacks_the_reference=True) is None
+        torch.backends.cudnn.allow_tf32 = False
+        assert vectorization_blocker(model, cuda) is None
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+    assert vectorization_blocker(model, torch.device("cpu")) is None

@@ -78,3 +78,35 @@ def test_a_stopped_probe_survives_a_checkpoint(tmp_path):
 def test_window_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ChaosProbe(**kwargs)
+
+
+def test_resuming_a_checkpoint_without_probe_state_clones_the_restored_model_and_optimizer(tmp_path):
+    """Lightning restores optimizer state and global step after on_fit_start: the shadows are cloned at the first
+    batch, so they start from the restored Adam moments (epsilon = 0 stays exactly on the real trajectory)."""
+    loader = DataLoader(random_classification(), batch_size=16)
+    L.seed_everything(3, verbose=False)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(DropoutMLP(dropout=0.0, optimizer="adam"), loader)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+
+    probe = ChaosProbe(epsilon=0.0, num_shadows=1, log_every_n_steps=1)
+    L.seed_everything(3, verbose=False)
+    quiet_trainer(max_epochs=2, callbacks=[probe]).fit(
+        DropoutMLP(dropout=0.0, optimizer="adam"), loader, ckpt_path=tmp_path / "plain.ckpt"
+    )
+    assert probe._attach_step == 6
+    assert probe.distances.shape == (7, 1) and (probe.distances == 0).all()
+
+
+def test_a_target_reached_before_start_step_is_kept():
+    class Target(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.callback_metrics["score"] = torch.tensor(float(trainer.current_epoch))
+
+    probe = ChaosProbe(start_step=8, monitor="score", target=0.0)
+    L.seed_everything(3, verbose=False)
+    quiet_trainer(max_epochs=2, callbacks=[Target(), probe]).fit(
+        DropoutMLP(dropout=0.0), DataLoader(random_classification(), batch_size=16)
+    )
+    assert probe.time_to_target["step"] == 6 and probe.time_to_target["epoch"] == 0
+    assert probe._attach_step == 8
