@@ -99,6 +99,7 @@ class TimeToTarget(Callback):
 
 
 ACCELERATOR = "cpu"  # --accelerator
+ANCHOR = "onset"  # --anchor
 
 
 def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
@@ -151,11 +152,13 @@ def run_finders(task: Task, seed: int, root: str) -> dict:
         dm, model = task.make_datamodule(), task.make_model(task.default_lr)
         trainer = _trainer(task.budget, [], root)
         started = time.perf_counter()
-        result = find_chaos_lr(trainer, model, datamodule=dm)
+        result = find_chaos_lr(trainer, model, datamodule=dm, anchor=ANCHOR)
         out["chaos_seconds"] = time.perf_counter() - started
         out["chaos"] = {
             "suggestion": result.suggestion,
             "onset": result.onset,
+            "trainability_edge": result.trainability_edge,
+            "anchor": result.anchor,
             "reason": result.reason,
             "lrs": result.lrs.tolist(),
             "exponents": result.exponents.tolist(),
@@ -423,9 +426,10 @@ def main() -> None:
     parser.add_argument("--from-json", default="", help="only print the tables of a saved --json file")
     parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
+    parser.add_argument("--anchor", default="onset", choices=["onset", "trainability"], help="the finder's anchor")
     args = parser.parse_args()
-    global ACCELERATOR
-    ACCELERATOR = args.accelerator
+    global ACCELERATOR, ANCHOR
+    ACCELERATOR, ANCHOR = args.accelerator, args.anchor
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)

@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader
 
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.exponents import benettin_exponent
-from lightning_chaos.functional.onset import ONSET_RULES, chaotic_mask, edge_of_chaos_suggestion
+from lightning_chaos.functional.onset import (
+    ONSET_RULES,
+    chaotic_mask,
+    edge_of_chaos_suggestion,
+    trainability_edge_suggestion,
+)
+
+ANCHORS = ("onset", "trainability")
 from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
 from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker, worth_vectorizing
 
@@ -47,6 +54,9 @@ class ChaosLRFinderResult:
         learning_at_onset: whether the network still learned at η* (None without an onset). Under minibatch SGD
             the onset often coincides with where learning fails: then η* marks the edge of trainability as much as
             the edge of chaos.
+        trainability_edge: the largest η that still learns well (see
+            :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
+        anchor: what the suggestion was derived from, ``"onset"`` or ``"trainability"``.
     """
 
     lrs: Tensor
@@ -61,6 +71,8 @@ class ChaosLRFinderResult:
     rule: str = "efold"
     reason: str = ""
     learning_at_onset: Optional[bool] = None
+    trainability_edge: Optional[float] = None
+    anchor: str = "onset"
     seconds: float = 0.0
 
     def plot(self, ax: Any = None) -> Any:
@@ -99,6 +111,9 @@ class ChaosLRFinderResult:
         twin.set_ylabel("ρ: fraction chaotic", color="tab:orange")
         if self.onset is not None:
             ax.axvline(self.onset, color="tab:orange", ls="--", lw=1, label=f"onset η* = {self.onset:.3g}")
+        if self.trainability_edge is not None:
+            ax.axvline(self.trainability_edge, color="tab:purple", ls=":", lw=1,
+                       label=f"top of learning band {self.trainability_edge:.3g}")
         if self.suggestion is not None:
             ax.axvline(self.suggestion, color="tab:green", lw=2, label=f"suggestion {self.suggestion:.3g}")
         ax.legend(loc="upper left", fontsize=7)
@@ -146,6 +161,12 @@ class ChaosLRFinder(Callback):
         attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
         update_attr: write the suggestion into the model and the optimizer.
         seed: seed of the perturbations, the re-initialisations and the sweep's dropout masks.
+        anchor: what the suggestion steps back from by ``margin``. ``"onset"`` (default): the onset of chaos η*, the
+            seed paper's edge of chaos. ``"trainability"``: the top of the learning band, the largest η whose loss
+            still falls within 1.25× as well as the sweep's best
+            (:func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`). On tanh networks the two agree;
+            on a ReLU MLP and a Fashion-MNIST CNN the onset lies far below the fastest η and ``"trainability"`` is
+            the one to use (benchmarks/FINDER_RESULTS.md).
         vectorize: train the candidates of a grid (every η's reference and shadows) as one ``torch.func.vmap`` per
             step. ``"auto"`` (default) does for models up to 1 M parameters that vmap can run (no dropout on CUDA, no
             ``.item()`` in ``training_step``). It then runs the whole coarse grid at once, without stopping past the
@@ -185,6 +206,7 @@ class ChaosLRFinder(Callback):
         update_attr: bool = True,
         seed: int = 0,
         vectorize: Union[bool, str] = "auto",
+        anchor: str = "onset",
     ) -> None:
         for name, value in (("min_lr", min_lr), ("max_lr", max_lr), ("epsilon", epsilon)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
@@ -203,6 +225,8 @@ class ChaosLRFinder(Callback):
                 raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}")
         if rule not in ONSET_RULES:
             raise ValueError(f"`rule` must be one of {ONSET_RULES}, got {rule!r}")
+        if anchor not in ANCHORS:
+            raise ValueError(f"`anchor` must be one of {ANCHORS}, got {anchor!r}")
         if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
             raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1:
@@ -222,6 +246,7 @@ class ChaosLRFinder(Callback):
         self.update_attr = update_attr
         self.seed = seed
         self.vectorize = vectorize
+        self.anchor = anchor
         self._stack = False
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
@@ -279,9 +304,10 @@ class ChaosLRFinder(Callback):
                 if self._past_the_edge(runs):
                     break  # larger learning rates only fail faster: the rest of the grid adds nothing
         result = self._summarise(runs)
-        if self.refine and result.onset is not None and result.onset > result.lrs[0].item():
-            below = result.lrs[result.lrs < result.onset][-1].item()
-            fine = torch.logspace(math.log10(below), math.log10(result.onset), self.refine + 2, dtype=torch.float64)
+        bracket = self._refinement_bracket(result)
+        if self.refine and bracket is not None:
+            low, high = bracket
+            fine = torch.logspace(math.log10(low), math.log10(high), self.refine + 2, dtype=torch.float64)
             extra = [lr for lr in fine[1:-1].tolist() if lr not in runs]
             if progress is not None:
                 progress.total += len(extra) * len(inits)
@@ -290,6 +316,17 @@ class ChaosLRFinder(Callback):
         if progress is not None:
             progress.close()
         return result
+
+    def _refinement_bracket(self, result: ChaosLRFinderResult) -> Optional[tuple[float, float]]:
+        """The grid interval to refine: just below the onset, or just above the top of the learning band."""
+        lrs = result.lrs
+        if self.anchor == "onset":
+            if result.onset is None or result.onset <= lrs[0].item():
+                return None
+            return lrs[lrs < result.onset][-1].item(), result.onset
+        if result.trainability_edge is None or result.trainability_edge >= lrs[-1].item():
+            return None
+        return result.trainability_edge, lrs[lrs > result.trainability_edge][0].item()
 
     def _should_stack(self, pl_module: LightningModule) -> bool:
         copies = self.num_lrs * (1 + self.num_shadows)
@@ -408,6 +445,10 @@ class ChaosLRFinder(Callback):
         suggestion, onset, reason = edge_of_chaos_suggestion(
             lr_tensor, sensitive_fraction, learning, exponents, self.margin
         )
+        loss_ratio = ratios.nanmean(1)
+        by_trainability, edge, edge_reason = trainability_edge_suggestion(lr_tensor, loss_ratio, learning, self.margin)
+        if self.anchor == "trainability":
+            suggestion, reason = by_trainability, edge_reason
         return ChaosLRFinderResult(
             lrs=lr_tensor,
             exponents=exponents,
@@ -416,11 +457,13 @@ class ChaosLRFinder(Callback):
             suggestion=suggestion,
             onset=onset,
             exponents_per_init=table,
-            loss_ratio=ratios.nanmean(1),
+            loss_ratio=loss_ratio,
             steps_per_lr=self.steps_per_lr,
             rule=self.rule,
             reason=reason,
             learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
+            trainability_edge=edge,
+            anchor=self.anchor,
         )
 
     # -- data, initialisations, LR attribute ------------------------------------------------------------------------
@@ -496,10 +539,15 @@ class ChaosLRFinder(Callback):
     @staticmethod
     def _report(trainer: Trainer, result: ChaosLRFinderResult) -> None:
         if result.suggestion is not None:
-            where = "still learning there" if result.learning_at_onset else "where learning also fails"
+            onset = "no onset of chaos in the grid" if result.onset is None else f"onset of chaos at lr={result.onset:.3g}"
+            if result.anchor == "trainability":
+                found = f"top of the learning band at lr={result.trainability_edge:.3g} ({onset})"
+            else:
+                where = "still learning there" if result.learning_at_onset else "where learning also fails"
+                found = f"{onset} ({where})"
             rank_zero_info(
-                f"ChaosLRFinder: onset of chaos at lr={result.onset:.3g} ({where}); suggested"
-                f" lr={result.suggestion:.3g} ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
+                f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g} ({len(result.lrs)} learning rates,"
+                f" {result.seconds:.1f} s)."
             )
         if not trainer.is_global_zero:
             return

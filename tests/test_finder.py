@@ -9,7 +9,12 @@ from torch.utils.data import DataLoader
 
 from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
 from lightning_chaos import ChaosLRFinder, find_chaos_lr
-from lightning_chaos.functional.onset import chaotic_mask, edge_of_chaos_suggestion, onset_index
+from lightning_chaos.functional.onset import (
+    chaotic_mask,
+    edge_of_chaos_suggestion,
+    onset_index,
+    trainability_edge_suggestion,
+)
 
 EIGENVALUES = (1.0, 2.0, 3.0)
 
@@ -174,6 +179,7 @@ def test_plot_draws_without_a_display():
         ({"margin": 0.5}, "margin"),
         ({"epsilon": 0.0}, "epsilon"),
         ({"vectorize": 1}, "vectorize"),
+        ({"anchor": "chaos"}, "anchor"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):
@@ -235,3 +241,37 @@ def test_probe_and_finder_together_the_shadows_follow_the_new_learning_rate():
     assert finder.result.suggestion is not None and model.lr == finder.result.suggestion
     assert (probe.distances == 0).all()
     assert probe._ensemble.optimizers[0].param_groups[0]["lr"] == pytest.approx(finder.result.suggestion)
+
+
+def test_trainability_edge_is_the_largest_learning_rate_that_learns_well():
+    lrs = torch.tensor([0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
+    learning = torch.tensor([True, True, True, False])
+    # 0.35 is within 1.25x of the best ratio 0.3: the band's top is η = 1
+    assert trainability_edge_suggestion(lrs, torch.tensor([0.9, 0.3, 0.35, math.nan]), learning) == (1 / 1.5, 1.0, "")
+    # 0.5 still "learns" (< 0.95) but not well: the top is η = 0.1
+    suggestion, edge, _ = trainability_edge_suggestion(lrs, torch.tensor([0.9, 0.3, 0.5, math.nan]), learning, margin=2)
+    assert (suggestion, edge) == (0.05, 0.1)
+    # learning well up to max_lr: no top inside the grid
+    suggestion, edge, reason = trainability_edge_suggestion(lrs, torch.tensor([0.9, 0.5, 0.4, 0.3]), torch.ones(4) > 0)
+    assert suggestion is None and edge == 10.0 and "larger `max_lr`" in reason
+    suggestion, edge, reason = trainability_edge_suggestion(lrs, torch.ones(4), torch.zeros(4) > 0)
+    assert suggestion is None and edge is None and "learned at no learning rate" in reason
+
+
+def test_trainability_anchor_on_real_digits_refines_above_the_band_and_steps_back_from_its_top():
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(hidden=(32,), activation="relu", lr=0.1)
+    result = find_chaos_lr(quiet_trainer(max_epochs=1), model, datamodule=DigitsDataModule(batch_size=64),
+                           min_lr=0.01, max_lr=20.0, num_lrs=5, steps_per_lr=40, refine=2, anchor="trainability")
+    assert result.anchor == "trainability" and result.trainability_edge is not None
+    assert result.suggestion == pytest.approx(result.trainability_edge / 1.5)
+    assert model.lr == result.suggestion
+    edge = result.lrs.tolist().index(result.trainability_edge)
+    assert result.learning[edge] and edge + 1 < len(result.lrs)
+    best = result.loss_ratio[result.learning].min()
+    assert result.loss_ratio[edge] <= 1.25 * best
+    assert not (result.learning[edge + 1] and result.loss_ratio[edge + 1] <= 1.25 * best)
+    assert len(result.lrs) == 5 + 2  # refined between the top of the band and the next grid point

@@ -163,3 +163,51 @@ def edge_of_chaos_suggestion(
             " learning rate below it"
         )
     return onset / margin, onset, ""
+
+
+def trainability_edge_suggestion(
+    lrs: Tensor,
+    loss_ratio: Tensor,
+    learning: Tensor,
+    margin: float = 1.5,
+    tolerance: float = 1.25,
+) -> tuple[Optional[float], Optional[float], str]:
+    """The learning rate just below the top of the learning band: its edge η_edge divided by ``margin``.
+
+    η_edge is the largest η that learns *well* within the probe window: the loss ratio (mean loss over the window's
+    last quarter / loss at the initial parameters) is within ``tolerance`` × the best ratio of the sweep. "Learns at
+    all" (ratio < 0.95) is too lenient: near divergence a run can lower its loss by 10-20 % in the window and then
+    never reach a good accuracy (seen on a small CNN on Fashion-MNIST).
+
+    Why this anchor: on every task measured (benchmarks/FINDER_RESULTS.md) the fastest η sat just below the largest
+    trainable one, and the trajectory was already chaotic there. On tanh networks under SGD the onset of chaos
+    coincides with that edge; on ReLU networks and on CNNs whose initial plateau is chaotic it lies far below it, and
+    :func:`edge_of_chaos_suggestion` then suggests too small an η.
+
+    Args:
+        lrs: the swept η, increasing.
+        loss_ratio: the loss ratio per η (NaN for a diverged run).
+        learning: whether the reference run still learned at each η.
+        margin: factor ≥ 1 to step back below the edge.
+        tolerance: how much worse than the sweep's best loss ratio still counts as learning well.
+
+    Returns:
+        ``(suggestion, edge, reason)``; None for both when the band has no top inside the grid, with ``reason``.
+    """
+    lrs = torch.as_tensor(lrs, dtype=torch.float64)
+    loss_ratio = torch.as_tensor(loss_ratio, dtype=torch.float64)
+    learning = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(loss_ratio)
+    if not learning.any():
+        return None, None, (
+            "the network learned at no learning rate of the grid within the probe window: widen the grid or raise"
+            " `steps_per_lr`"
+        )
+    best = loss_ratio[learning].min()
+    well = learning & (loss_ratio <= best * tolerance)
+    index = int(well.nonzero()[-1, 0])
+    edge = lrs[index].item()
+    if index == len(lrs) - 1:
+        return None, edge, (
+            f"the network still learns well at max_lr={edge:.3g}: widen the grid with a larger `max_lr`"
+        )
+    return edge / margin, edge, ""
