@@ -277,6 +277,7 @@ class ChaosLRFinder(Callback):
             rank_zero_warn(f"ChaosLRFinder found no suggestion: {result.reason}.")
         elif self.update_attr:
             self._apply(trainer, pl_module, attr_name, result.suggestion, base_lr)
+        self._warn_if_anchors_disagree(result)
         self._report(trainer, result)
         return result
 
@@ -316,6 +317,21 @@ class ChaosLRFinder(Callback):
         if progress is not None:
             progress.close()
         return result
+
+    def _warn_if_anchors_disagree(self, result: ChaosLRFinderResult) -> None:
+        """With the onset anchor, say when the top of the learning band points somewhere else: on the benchmark's
+        ReLU networks and a Fashion-MNIST CNN the onset suggestion was 3x too small or never reached the target."""
+        if self.anchor != "onset" or result.suggestion is None or result.trainability_edge is None:
+            return
+        alternative = result.trainability_edge / self.margin
+        ratio = result.suggestion / alternative
+        if ratio > 1.5 or ratio < 1 / 3:
+            where = "above" if ratio > 1 else "far below"
+            rank_zero_warn(
+                f"ChaosLRFinder: the suggestion lr={result.suggestion:.3g} (from the onset of chaos) lies {where} the"
+                f" top of the learning band (lr={result.trainability_edge:.3g}); `anchor='trainability'` would suggest"
+                f" lr={alternative:.3g}. On such sweeps it was the faster choice in benchmarks/FINDER_RESULTS.md."
+            )
 
     def _refinement_bracket(self, result: ChaosLRFinderResult) -> Optional[tuple[float, float]]:
         """The grid interval to refine: just below the onset, or just above the top of the learning band."""

@@ -258,14 +258,28 @@ def test_trainability_edge_is_the_largest_learning_rate_that_learns_well():
     assert suggestion is None and edge is None and "learned at no learning rate" in reason
 
 
-def test_trainability_anchor_on_real_digits_refines_above_the_band_and_steps_back_from_its_top():
-    pytest.importorskip("sklearn")
+def _relu_digits_sweep(anchor):
     from lightning_chaos.demo import DigitsDataModule, MLPClassifier
 
     L.seed_everything(0, verbose=False)
     model = MLPClassifier(hidden=(32,), activation="relu", lr=0.1)
     result = find_chaos_lr(quiet_trainer(max_epochs=1), model, datamodule=DigitsDataModule(batch_size=64),
-                           min_lr=0.01, max_lr=20.0, num_lrs=5, steps_per_lr=40, refine=2, anchor="trainability")
+                           min_lr=0.01, max_lr=20.0, num_lrs=5, steps_per_lr=40, refine=2, anchor=anchor)
+    return model, result
+
+
+def test_the_onset_anchor_warns_when_the_top_of_the_learning_band_disagrees():
+    pytest.importorskip("sklearn")
+    with pytest.warns(UserWarning, match="lies above the top of the learning band") as record:
+        _, result = _relu_digits_sweep("onset")
+    assert result.suggestion > result.trainability_edge
+    messages = [str(w.message) for w in record if "learning band" in str(w.message)]
+    assert len(messages) == 1 and f"would suggest lr={result.trainability_edge / 1.5:.3g}" in messages[0]
+
+
+def test_trainability_anchor_on_real_digits_refines_above_the_band_and_steps_back_from_its_top():
+    pytest.importorskip("sklearn")
+    model, result = _relu_digits_sweep("trainability")
     assert result.anchor == "trainability" and result.trainability_edge is not None
     assert result.suggestion == pytest.approx(result.trainability_edge / 1.5)
     assert model.lr == result.suggestion
