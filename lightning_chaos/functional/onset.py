@@ -7,6 +7,10 @@ import torch
 from torch import Tensor
 
 ONSET_RULES = ("efold", "baseline", "positive")
+_NOTHING_LEARNED = (
+    "the network learned at no learning rate of the grid within the probe window: widen the grid or raise"
+    " `steps_per_lr`"
+)
 
 
 def chaotic_mask(
@@ -128,10 +132,7 @@ def edge_of_chaos_suggestion(
     learning = torch.as_tensor(learning, dtype=torch.bool)
     learning_indices = learning.nonzero()
     if learning_indices.numel() == 0:
-        return None, None, (
-            "the network learned at no learning rate of the grid within the probe window: widen the grid or raise"
-            " `steps_per_lr`"
-        )
+        return None, None, _NOTHING_LEARNED
     first_learning = int(learning_indices[0, 0])
     index = onset_index(sensitive_fraction, min_fraction)
     if index is None:
@@ -198,10 +199,7 @@ def trainability_edge_suggestion(
     loss_ratio = torch.as_tensor(loss_ratio, dtype=torch.float64)
     learning = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(loss_ratio)
     if not learning.any():
-        return None, None, (
-            "the network learned at no learning rate of the grid within the probe window: widen the grid or raise"
-            " `steps_per_lr`"
-        )
+        return None, None, _NOTHING_LEARNED
     best = loss_ratio[learning].min()
     well = learning & (loss_ratio <= best * tolerance)
     index = int(well.nonzero()[-1, 0])
