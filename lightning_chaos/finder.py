@@ -26,7 +26,13 @@ from lightning_chaos.functional.onset import (
 
 ANCHORS = ("onset", "trainability")
 from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
-from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker, worth_vectorizing
+from lightning_chaos.vectorized import (
+    NotVectorizable,
+    StackedShadows,
+    check_vectorize,
+    vectorization_blocker,
+    worth_vectorizing,
+)
 
 # A reference run "learns" when its mean loss over the last quarter of the window is below this share of its first loss
 # (at the initial parameters, the same for every η); it "diverged" when the loss turns non-finite or exceeds this many times its first loss.
@@ -227,8 +233,7 @@ class ChaosLRFinder(Callback):
             raise ValueError(f"`rule` must be one of {ONSET_RULES}, got {rule!r}")
         if anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}, got {anchor!r}")
-        if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
-            raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
+        check_vectorize(vectorize)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1:
             raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
         self.min_lr = float(min_lr)

@@ -17,7 +17,7 @@ from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
-from lightning_chaos.vectorized import worth_vectorizing
+from lightning_chaos.vectorized import check_vectorize, worth_vectorizing
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 _MIN_FIT_POINTS = 4
@@ -146,8 +146,7 @@ class ChaosProbe(Callback):
             isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
         ):
             raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}")
-        if not (vectorize == "auto" or isinstance(vectorize, bool)):  # 1 == True: a plain `in` would accept 1
-            raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {vectorize!r}")
+        check_vectorize(vectorize)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
         if stop_step is not None and (

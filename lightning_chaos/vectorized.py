@@ -51,6 +51,16 @@ def worth_vectorizing(module: nn.Module, copies: int) -> bool:
     return copies >= AUTO_MIN_COPIES and size <= AUTO_MAX_PARAMETERS
 
 
+def check_vectorize(value: Any) -> None:
+    """Validate a callback's ``vectorize`` argument: ``"auto"``, ``True`` or ``False``.
+
+    Raises:
+        ValueError: naming the argument. Checked by type, because ``1 == True`` would pass a plain ``in``.
+    """
+    if not (isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"`vectorize` must be one of ('auto', True, False), got {value!r}")
+
+
 class NotVectorizable(RuntimeError):
     """The module's training step cannot run under ``vmap``; the caller falls back to one shadow at a time."""
 
@@ -132,17 +142,21 @@ class _TrainingStep(nn.Module):
     :class:`NotVectorizable` instead. In-place updates (BatchNorm's running statistics) keep the tensor and are fine.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.module = module
         self.passed: dict[str, Tensor] = {}
+        # where each passed tensor lives, looked up once: the check below runs on every step
+        self._owners = [(name, *self._owner_of(name)) for name in names]
+
+    def _owner_of(self, name: str) -> tuple[nn.Module, str]:
+        module_path, _, leaf = name.rpartition(".")
+        return self.get_submodule(module_path), leaf
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
         output = self.module.training_step(batch, batch_idx)
-        for name, tensor in self.passed.items():
-            module_path, _, leaf = name.rpartition(".")
-            owner = self.get_submodule(module_path)
-            if getattr(owner, leaf) is not tensor:
+        for name, owner, leaf in self._owners:
+            if getattr(owner, leaf) is not self.passed[name]:
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
         return output
 
@@ -186,7 +200,7 @@ class StackedShadows:
         buffer_rows = _stack_into_views([[m.get_buffer(n) for n in buffer_names] for m in self.shadows])
         self.parameters = dict(zip(parameter_names, parameter_rows))
         self.buffers = dict(zip(buffer_names, buffer_rows))
-        self._call = _TrainingStep(self.shadows[0])
+        self._call = _TrainingStep(self.shadows[0], ["module." + n for n in (*parameter_names, *buffer_names)])
         self._checked = False  # the first step runs under _DropoutOnCudaGuard, later ones without its overhead
 
     def forward_backward(
