@@ -16,8 +16,8 @@ What is measured
 * lr_find suggestion: ``Tuner(trainer).lr_find(model, datamodule=dm).suggestion()`` with Lightning's defaults, per seed,
   likewise.
 * Default: the task's default LR (the module's ``lr`` default, 0.1 for every task).
-* Margin evidence: τ at onset/m for m in ``--margins`` (onset η* of each seed's sweep), and where the best grid η
-  sits relative to η* (onset / η_best).
+* Margin evidence: τ at onset/m and at (top of the learning band)/m for m in ``--margins`` (both read off each seed's
+  sweep, whichever ``--anchor`` it ran with), and where the best grid η sits relative to η* (onset / η_best).
 * Wall time: ``find_chaos_lr`` against ``lr_find`` on the same freshly built model and data module, the two calls
   interleaved in one process (the order alternates with the seed), each timed around the whole call (Trainer
   construction excluded, the call's own ``fit`` setup included). The ratio is formed per seed and the median over
@@ -147,14 +147,14 @@ def run_finders(task: Task, seed: int, root: str) -> dict:
     """find_chaos_lr and lr_find on the same fresh model of seed ``seed``, interleaved (order alternates with seed)."""
     out: dict[str, Any] = {"seed": seed}
 
-    def chaos() -> None:
+    def chaos(anchor: str = ANCHOR, key: str = "chaos") -> None:
         seed_everything(seed, verbose=False)
         dm, model = task.make_datamodule(), task.make_model(task.default_lr)
         trainer = _trainer(task.budget, [], root)
         started = time.perf_counter()
-        result = find_chaos_lr(trainer, model, datamodule=dm, anchor=ANCHOR)
-        out["chaos_seconds"] = time.perf_counter() - started
-        out["chaos"] = {
+        result = find_chaos_lr(trainer, model, datamodule=dm, anchor=anchor)
+        out[f"{key}_seconds"] = time.perf_counter() - started
+        out[key] = {
             "suggestion": result.suggestion,
             "onset": result.onset,
             "trainability_edge": result.trainability_edge,
@@ -180,6 +180,8 @@ def run_finders(task: Task, seed: int, root: str) -> dict:
 
     for call in (chaos, lr_find) if seed % 2 == 0 else (lr_find, chaos):
         call()
+    # The other anchor's own sweep (it refines the grid elsewhere), untimed, for the anchor comparison.
+    chaos("trainability" if ANCHOR == "onset" else "onset", "chaos_other")
     out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
     return out
 
@@ -391,6 +393,39 @@ def grid_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def anchored_sweep(finder: dict, anchor: str) -> dict:
+    """The sweep that ran with ``anchor`` ("onset" or "trainability_edge"): each anchor refines its own bracket."""
+    wanted = "onset" if anchor == "onset" else "trainability"
+    for key in ("chaos", "chaos_other"):
+        if key in finder and finder[key].get("anchor", "onset") == wanted:
+            return finder[key]
+    return finder["chaos"]  # results saved before both anchors were swept: the one sweep there is
+
+
+def anchor_table(results: dict, margins: list[float]) -> str:
+    """τ at onset/m and at (top of the learning band)/m, per task and margin, as a ratio to the best grid τ."""
+    lines = ["| task | best grid η → τ | " + " | ".join(f"onset/{m:g}" for m in margins) + " | "
+             + " | ".join(f"edge/{m:g}" for m in margins) + " |", "|---|---|" + "---:|" * (2 * len(margins))]
+    for name, data in results["tasks"].items():
+        runs, seeds = data["runs"], data["seeds"]
+        grid = {lr: median_tau([runs[_key(lr, s)]["tau"] for s in seeds]) for lr in data["grid"]}
+        best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+        finders = [f for f in data["finders"] if f["seed"] in seeds]
+        cells = []
+        for anchor in ("onset", "trainability_edge"):
+            for margin in margins:
+                sweeps = [(anchored_sweep(f, anchor), f["seed"]) for f in finders]
+                taus = [
+                    runs.get(_key(sweep[anchor] / margin, seed), {"tau": NEVER})["tau"]
+                    if sweep.get(anchor) is not None else NEVER
+                    for sweep, seed in sweeps
+                ]
+                tau = median_tau(taus)
+                cells.append("∞" if math.isinf(tau) else f"{tau / grid[best_lr]:.2f}")
+        lines.append(f"| {name} | {best_lr:.3g} → {fmt_tau(grid[best_lr])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sweep_table(results: dict) -> str:
     """The finder's own sweep for seed 0 of each task (Λ, ρ, learning, loss ratio per η)."""
     lines = []
@@ -433,7 +468,8 @@ def main() -> None:
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)
-        print(summarise(saved, args), grid_table(saved), sweep_table(saved), sep="\n\n")
+        print(summarise(saved, args), grid_table(saved), anchor_table(saved, args.margins), sweep_table(saved),
+              sep="\n\n")
         return
 
     torch.set_num_threads(args.threads)
@@ -497,8 +533,10 @@ def main() -> None:
                         floor = lr
                 f = data["finders"][seed]
                 wanted = [f["chaos"]["suggestion"], f["lrfind"]["suggestion"], task.default_lr]
-                if f["chaos"]["onset"] is not None:
-                    wanted += [f["chaos"]["onset"] / m for m in args.margins]
+                for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
+                    sweep = anchored_sweep(f, anchor)
+                    if sweep.get(anchor) is not None:
+                        wanted += [sweep[anchor] / m for m in args.margins]
                 for lr in wanted:
                     key = _key(lr, seed) if lr is not None else None
                     if key is None or key in data["runs"]:
@@ -524,6 +562,9 @@ def main() -> None:
     print()
     print("Median τ per grid η († = a seed's loss turned non-finite; ‡ = a seed's 'never' inferred, not run):")
     print(grid_table(results))
+    print()
+    print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
+    print(anchor_table(results, args.margins))
     print()
     print("The finder's sweep, seed 0:")
     print(sweep_table(results))
