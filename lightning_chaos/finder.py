@@ -23,8 +23,6 @@ from lightning_chaos.functional.onset import (
     edge_of_chaos_suggestion,
     trainability_edge_suggestion,
 )
-
-ANCHORS = ("onset", "trainability")
 from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
 from lightning_chaos.vectorized import (
     NotVectorizable,
@@ -33,6 +31,8 @@ from lightning_chaos.vectorized import (
     vectorization_blocker,
     worth_vectorizing,
 )
+
+ANCHORS = ("onset", "trainability")
 
 # A reference run "learns" when its mean loss over the last quarter of the window is below this share of its first loss
 # (at the initial parameters, the same for every η); it "diverged" when the loss turns non-finite or exceeds this many times its first loss.
