@@ -39,6 +39,7 @@ gains nothing from a second thread on these models and loses a lot when the othe
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -393,6 +394,36 @@ def grid_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def oracle_transfer(results: dict) -> str:
+    """How well the grid's own best η carries over to other seeds: the noise floor of τ(choice)/τ(best).
+
+    For every split of the seeds into a choosing half (the smaller) and a judging half, the best grid η by median τ over
+    the choosing seeds is judged like the finder: median τ over the judging seeds, over the best median τ of any grid η
+    on those same seeds. A ratio above 1 here is seed noise alone, with the best η known from other runs.
+    """
+    lines = ["| task | seeds | splits | median ratio | worst ratio |", "|---|---:|---:|---:|---:|"]
+    for name, data in results["tasks"].items():
+        runs, seeds, grid = data["runs"], data["seeds"], data["grid"]
+        if len(seeds) < 2:
+            continue
+        ratios = []
+        for choosing in itertools.combinations(seeds, len(seeds) // 2):
+            judging = [s for s in seeds if s not in choosing]
+
+            def median_over(lr: float, group: list[int]) -> float:
+                return median_tau([runs[_key(lr, s)]["tau"] for s in group])
+
+            choice = min(grid, key=lambda lr: (median_over(lr, list(choosing)), lr))
+            best = min(median_over(lr, judging) for lr in grid)
+            if not math.isinf(best):
+                ratios.append(median_over(choice, judging) / best)
+        if ratios:
+            worst = max(ratios)
+            lines.append(f"| {name} | {len(seeds)} | {len(ratios)} | {statistics.median(ratios):.2f} |"
+                         f" {'∞' if math.isinf(worst) else f'{worst:.2f}'} |")
+    return "\n".join(lines)
+
+
 def anchored_sweep(finder: dict, anchor: str) -> dict:
     """The sweep that ran with ``anchor`` ("onset" or "trainability_edge"): each anchor refines its own bracket."""
     wanted = "onset" if anchor == "onset" else "trainability"
@@ -468,8 +499,8 @@ def main() -> None:
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)
-        print(summarise(saved, args), grid_table(saved), anchor_table(saved, args.margins), sweep_table(saved),
-              sep="\n\n")
+        print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
+              sweep_table(saved), sep="\n\n")
         return
 
     torch.set_num_threads(args.threads)
@@ -562,6 +593,9 @@ def main() -> None:
     print()
     print("Median τ per grid η († = a seed's loss turned non-finite; ‡ = a seed's 'never' inferred, not run):")
     print(grid_table(results))
+    print()
+    print("The oracle's own noise floor (best grid η chosen on some seeds, judged on the others):")
+    print(oracle_transfer(results))
     print()
     print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
     print(anchor_table(results, args.margins))
