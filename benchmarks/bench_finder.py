@@ -284,7 +284,7 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
         best = grid[best_lr]
         finders = [f for f in data["finders"] if f["seed"] in data["seeds"]]  # the others are timing-only
         chaos_lrs = {f["seed"]: f["chaos"]["suggestion"] for f in finders}
-        onsets = {f["seed"]: f["chaos"]["onset"] for f in finders}
+        onsets = {f["seed"]: anchored_sweep(f, "onset")["onset"] for f in finders}  # from the onset-anchored sweep
         lrfind_lrs = {f["seed"]: f["lrfind"]["suggestion"] for f in finders}
         tau_chaos = median_tau(taus(chaos_lrs))
         tau_lrfind = median_tau(taus(lrfind_lrs))
