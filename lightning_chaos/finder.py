@@ -62,7 +62,7 @@ class ChaosLRFinderResult:
             the edge of chaos.
         trainability_edge: the largest η that still learns well (see
             :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
-        anchor: what the suggestion was derived from, ``"onset"`` or ``"trainability"``.
+        anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
     """
 
     lrs: Tensor
@@ -78,7 +78,7 @@ class ChaosLRFinderResult:
     reason: str = ""
     learning_at_onset: Optional[bool] = None
     trainability_edge: Optional[float] = None
-    anchor: str = "onset"
+    anchor: str = "trainability"
     seconds: float = 0.0
 
     def plot(self, ax: Any = None) -> Any:
@@ -138,11 +138,18 @@ class ChaosLRFinder(Callback):
     :class:`~lightning_chaos.ChaosProbe`). Renormalised two-trajectory exponents Λ(η) tell where the trajectory
     turns sensitive to initial conditions; the reference's loss tells whether the network still learns there.
 
-    The onset η* is the first η at which at least half of the initialisations are chaotic by ``rule`` (see
-    :func:`~lightning_chaos.functional.onset.chaotic_mask`); the grid is refined with ``refine`` points just below
-    it. The suggestion is η* / ``margin``: the edge of chaos approached from the ordered side. When the grid never
-    reaches chaos, or chaos appears only where learning has already failed, there is no suggestion and a warning says
-    what to widen.
+    Two edges are read off the sweep. The onset of chaos η* is the first η at which at least half of the
+    initialisations are chaotic by ``rule`` (see :func:`~lightning_chaos.functional.onset.chaotic_mask`). The top of
+    the learning band is the largest η whose loss still falls nearly as well as the sweep's best (see
+    :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`). The suggestion steps back by ``margin``
+    from the one named by ``anchor``, after refining the grid with ``refine`` points next to it.
+
+    The default anchor is the top of the learning band. The seed paper's hypothesis, that training is fastest near the
+    onset of chaos, held on tanh networks under SGD, where the two edges coincide. It failed on ReLU networks, on CNNs
+    and under Adam, where the trajectory is already chaotic far below the fastest η: there the onset suggestion never
+    reached the target accuracy on 5 of 15 benchmark tasks, while the top of the learning band never failed
+    (benchmarks/FINDER_RESULTS.md). ``anchor="onset"`` keeps the paper's rule. Then, when the grid never reaches chaos
+    or chaos appears only where learning has already failed, there is no suggestion, and a warning says what to widen.
 
     Everything runs on clones in the finder's own loop: afterwards the model's weights, the optimizer's state, the RNG
     state and the trainer's state are what they were, apart from the learning rate it sets, which is written like
@@ -160,19 +167,20 @@ class ChaosLRFinder(Callback):
         epsilon: relative size of the perturbation, ‖δ‖ = ε‖θ‖.
         renormalize_every: pull-back period of the Benettin estimate, in steps.
         rule: onset rule, ``"efold"`` (default), ``"baseline"`` or ``"positive"``.
-        margin: factor ≥ 1 to step back below the onset. The default 1.5 comes from benchmarks/RESULTS.md: on
-            five small tasks the fastest η sat at the onset or up to 1.6× below it; 1.5 had the best worst case
-            (τ within 1.4× of the best grid η), 1 overshot into divergence and 2 cost up to 1.8×.
-        refine: extra grid points between the last ordered η and the onset (0 to skip).
+        margin: factor ≥ 1 to step back below the anchor. The default 1.5 comes from benchmarks/FINDER_RESULTS.md: on
+            the five tasks it was chosen on it had the best worst case (τ within 1.4× of the best grid η); 1 overshot
+            into divergence and 2 cost up to 1.8×. Below the edge τ grows about like 1/η, so the margin is also
+            roughly what it costs when the edge is found exactly.
+        refine: extra grid points next to the anchor: just above the top of the learning band, or between the last
+            ordered η and the onset (0 to skip).
         attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
         update_attr: write the suggestion into the model and the optimizer.
         seed: seed of the perturbations, the re-initialisations and the sweep's dropout masks.
-        anchor: what the suggestion steps back from by ``margin``. ``"onset"`` (default): the onset of chaos η*, the
-            seed paper's edge of chaos. ``"trainability"``: the top of the learning band, the largest η whose loss
-            still falls within 1.25× as well as the sweep's best
-            (:func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`). On tanh networks the two agree;
-            on a ReLU MLP and a Fashion-MNIST CNN the onset lies far below the fastest η and ``"trainability"`` is
-            the one to use (benchmarks/FINDER_RESULTS.md).
+        anchor: what the suggestion steps back from by ``margin``. ``"trainability"`` (default): the top of the
+            learning band, the largest η whose loss still falls within 1.25× as well as the sweep's best
+            (:func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`). ``"onset"``: the onset of chaos
+            η*, the seed paper's edge of chaos. On tanh networks under SGD the two agree; on ReLU networks, CNNs and
+            under Adam the onset lies far below the fastest η (benchmarks/FINDER_RESULTS.md).
         vectorize: train the candidates of a grid (every η's reference and shadows) as one ``torch.func.vmap`` per
             step. ``"auto"`` (default) does for models up to 1 M parameters that vmap can run (no dropout on CUDA, no
             ``.item()`` in ``training_step``). It then runs the whole coarse grid at once, without stopping past the
@@ -212,7 +220,7 @@ class ChaosLRFinder(Callback):
         update_attr: bool = True,
         seed: int = 0,
         vectorize: Union[bool, str] = "auto",
-        anchor: str = "onset",
+        anchor: str = "trainability",
     ) -> None:
         for name, value in (("min_lr", min_lr), ("max_lr", max_lr), ("epsilon", epsilon)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):

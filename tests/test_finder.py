@@ -33,6 +33,7 @@ def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made(vector
             num_lrs=12,
             steps_per_lr=200,
             vectorize=vectorize,
+            anchor="onset",
         )
     exact = torch.tensor([math.log(max(abs(1 - lr * a) for a in EIGENVALUES)) for lr in result.lrs.tolist()])
     tolerance = torch.maximum(0.02 * exact.abs(), torch.full_like(exact, 0.01))
@@ -43,6 +44,44 @@ def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made(vector
     assert result.learning_at_onset is False
     assert torch.equal(model.weight, before)
     assert model.lr == 0.1
+
+
+def _exact_quadratic_loss_ratio(model: Quadratic, lr: float, steps: int) -> float:
+    """Mean loss over the last quarter of ``steps`` GD steps over the initial loss, from the eigen-decomposition:
+    L_t = ½ Σ_i a_i (1 − η a_i)^(2t) c_i², with c the initial weights in the eigenbasis."""
+    eigenvalues, basis = torch.linalg.eigh(model.a)
+    c = basis.T @ model.weight.detach()
+    loss = [0.5 * (eigenvalues * (1 - lr * eigenvalues) ** (2 * t) * c**2).sum().item() for t in range(steps)]
+    tail = loss[-(steps // 4):]
+    return sum(tail) / len(tail) / loss[0]
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["stacked", "one-at-a-time"])
+def test_default_anchor_on_the_quadratic_steps_back_from_the_exact_top_of_the_learning_band(vectorize):
+    model = Quadratic(EIGENVALUES, lr=0.1)
+    steps = 40
+    result = find_chaos_lr(
+        quiet_trainer(max_steps=10, precision="64-true"),
+        model,
+        train_dataloaders=dummy_loader(steps),
+        min_lr=0.01,
+        max_lr=2.0,
+        num_lrs=12,
+        steps_per_lr=steps,
+        vectorize=vectorize,
+    )
+    assert result.anchor == "trainability"
+    learning = result.learning
+    exact = torch.tensor(
+        [_exact_quadratic_loss_ratio(model, lr, steps) for lr in result.lrs[learning].tolist()], dtype=torch.float64
+    )
+    assert torch.allclose(result.loss_ratio[learning], exact, rtol=1e-9, atol=0), (result.loss_ratio, exact)
+    # The whole rule on the exact ratios: the suggestion is the top of the band (ratio within 1.25x of the best) / 1.5.
+    best = exact.min()
+    edge = result.lrs[learning][exact <= 1.25 * best].max().item()
+    assert result.trainability_edge == edge
+    assert result.suggestion == pytest.approx(edge / 1.5, rel=1e-12) and model.lr == result.suggestion
+    assert 0.01 < result.suggestion < 2 / 3  # inside the band where gradient descent contracts
 
 
 def _fit_dropout_mlp(callbacks, max_epochs=2):
