@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner.lr_finder import _determine_lr_attr_name
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos.functional.exponents import benettin_exponent
 from lightning_chaos.functional.onset import (
+    LEARNS_WELL_TOLERANCE,
     ONSET_RULES,
     chaotic_mask,
     edge_of_chaos_suggestion,
@@ -82,7 +84,8 @@ class ChaosLRFinderResult:
     seconds: float = 0.0
 
     def plot(self, ax: Any = None) -> Any:
-        """Λ(η) with ρ(η) and the loss ratio, the onset and the suggestion marked. Returns a matplotlib Figure.
+        """The sweep as a matplotlib Figure: Λ(η) with ρ(η) on top, the loss ratio below, both edges and the
+        suggestion marked. With ``ax`` only the Λ panel is drawn, into it.
 
         Needs matplotlib (``pip install 'lightning-chaos[examples]'``); draws without a display.
         """
@@ -92,8 +95,9 @@ class ChaosLRFinderResult:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
+        loss_ax = None
         if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4.2))
+            fig, (ax, loss_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=(3, 2))
         else:
             fig = ax.figure
         lrs = self.lrs.numpy()
@@ -109,21 +113,41 @@ class ChaosLRFinderResult:
             ax.axhline(1.0 / self.steps_per_lr, color="gray", ls=":", label="1 e-fold over the window")
         ax.axhline(0.0, color="black", lw=0.5)
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate η")
         ax.set_ylabel("Lyapunov exponent Λ (per step)")
         twin = ax.twinx()
         twin.plot(lrs, self.sensitive_fraction.numpy(), "s--", color="tab:orange", ms=3, label="ρ(η)")
         twin.set_ylim(-0.05, 1.05)
         twin.set_ylabel("ρ: fraction chaotic", color="tab:orange")
-        if self.onset is not None:
-            ax.axvline(self.onset, color="tab:orange", ls="--", lw=1, label=f"onset η* = {self.onset:.3g}")
-        if self.trainability_edge is not None:
-            ax.axvline(self.trainability_edge, color="tab:purple", ls=":", lw=1,
-                       label=f"top of learning band {self.trainability_edge:.3g}")
-        if self.suggestion is not None:
-            ax.axvline(self.suggestion, color="tab:green", lw=2, label=f"suggestion {self.suggestion:.3g}")
+        panels = [ax] if loss_ax is None else [ax, loss_ax]
+        if loss_ax is not None and self.loss_ratio.numel() == len(lrs):
+            ratio = self.loss_ratio.numpy()
+            finite = np.isfinite(ratio)
+            loss_ax.plot(lrs[finite], ratio[finite], "-", color="tab:gray")
+            loss_ax.plot(lrs[finite & learning], ratio[finite & learning], "o", color="tab:blue", label="learning")
+            loss_ax.plot(lrs[finite & ~learning], ratio[finite & ~learning], "x", color="tab:red",
+                         label="not learning")
+            if (finite & learning).any():
+                threshold = LEARNS_WELL_TOLERANCE * ratio[finite & learning].min()
+                loss_ax.axhline(threshold, color="tab:purple", ls=":", lw=1,
+                                label=f"{LEARNS_WELL_TOLERANCE:g} × the best ratio: learns well below")
+            loss_ax.axhline(1.0, color="black", lw=0.5)
+            loss_ax.set_yscale("log")
+            loss_ax.set_ylabel("loss ratio (end / start)")
+            loss_ax.legend(loc="upper left", fontsize=7)
+        for panel in panels:
+            labelled = panel is ax
+            if self.onset is not None:
+                panel.axvline(self.onset, color="tab:orange", ls="--", lw=1,
+                              label=f"onset η* = {self.onset:.3g}" if labelled else None)
+            if self.trainability_edge is not None:
+                panel.axvline(self.trainability_edge, color="tab:purple", ls=":", lw=1,
+                              label=f"top of learning band {self.trainability_edge:.3g}" if labelled else None)
+            if self.suggestion is not None:
+                panel.axvline(self.suggestion, color="tab:green", lw=2,
+                              label=f"suggestion {self.suggestion:.3g} ({self.anchor})" if labelled else None)
+        panels[-1].set_xlabel("learning rate η")
         ax.legend(loc="upper left", fontsize=7)
-        ax.set_title("Edge of chaos: Λ(η) along the sweep")
+        ax.set_title("ChaosLRFinder sweep: Λ(η), and the loss ratio the learning band is read from")
         fig.tight_layout()
         return fig
 

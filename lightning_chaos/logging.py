@@ -95,14 +95,17 @@ FINDER_PREFIX = "chaos_lr_finder"
 
 
 def write_finder_result(logger: TensorBoardLogger, result) -> None:
-    """The finder's figure under Images and Λ(η), ρ(η) as scalars indexed by grid position (η logged beside)."""
+    """The finder's figure under Images and Λ(η), ρ(η) and the loss ratio as scalars indexed by grid position (η logged
+    beside)."""
     writer = logger.experiment
-    for index, (lr, exponent, fraction) in enumerate(
-        zip(result.lrs.tolist(), result.exponents.tolist(), result.sensitive_fraction.tolist())
+    for index, (lr, exponent, fraction, ratio) in enumerate(
+        zip(result.lrs.tolist(), result.exponents.tolist(), result.sensitive_fraction.tolist(),
+            result.loss_ratio.tolist())
     ):
         writer.add_scalar(f"{FINDER_PREFIX}/lr", lr, index)
         writer.add_scalar(f"{FINDER_PREFIX}/exponent", exponent, index)
         writer.add_scalar(f"{FINDER_PREFIX}/sensitive_fraction", fraction, index)
+        writer.add_scalar(f"{FINDER_PREFIX}/loss_ratio", ratio, index)
     try:
         figure = result.plot()
     except ImportError:  # matplotlib is optional

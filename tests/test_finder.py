@@ -200,9 +200,21 @@ def test_plot_draws_without_a_display():
                            train_dataloaders=dummy_loader(5), min_lr=0.1, max_lr=2.0, num_lrs=4, steps_per_lr=20,
                            refine=0, update_attr=False)
     figure = result.plot()
-    ax = figure.axes[0]
+    ax, loss_ax = figure.axes[0], figure.axes[1]
     assert ax.get_xscale() == "log"
     assert len(ax.lines) >= 3
+    # The lower panel shows what the default anchor reads: the loss ratio per η, and where the band's top is.
+    assert loss_ax.get_yscale() == "log"
+    x, y = loss_ax.lines[0].get_data()
+    finite = torch.isfinite(result.loss_ratio)
+    assert list(x) == result.lrs[finite].tolist() and list(y) == result.loss_ratio[finite].tolist()
+    marked = {line.get_xdata()[0] for line in loss_ax.lines if len(line.get_xdata()) == 2}
+    assert result.trainability_edge in marked and result.suggestion in marked
+    # Into a given axes, only the exponent panel.
+    import matplotlib.pyplot as plt
+
+    _, single = plt.subplots()
+    assert result.plot(ax=single) is single.figure and len(single.figure.axes) == 2  # the Λ axes and its ρ twin
 
 
 @pytest.mark.parametrize(

@@ -202,3 +202,5 @@ def test_finder_figure_and_curve_reach_tensorboard(tmp_path):
     assert f"{chaos_logging.FINDER_PREFIX}/sweep" in events.Tags()["images"]
     curve = events.Scalars(f"{chaos_logging.FINDER_PREFIX}/exponent")
     assert [p.value for p in curve] == pytest.approx(result.exponents.tolist(), rel=1e-5)
+    losses = events.Scalars(f"{chaos_logging.FINDER_PREFIX}/loss_ratio")
+    assert [p.value for p in losses] == pytest.approx(result.loss_ratio.tolist(), rel=1e-5, nan_ok=True)

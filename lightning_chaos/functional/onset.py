@@ -166,12 +166,15 @@ def edge_of_chaos_suggestion(
     return onset / margin, onset, ""
 
 
+LEARNS_WELL_TOLERANCE = 1.25  # trainability_edge_suggestion's default: "learns well" = within 1.25x the best loss ratio
+
+
 def trainability_edge_suggestion(
     lrs: Tensor,
     loss_ratio: Tensor,
     learning: Tensor,
     margin: float = 1.5,
-    tolerance: float = 1.25,
+    tolerance: float = LEARNS_WELL_TOLERANCE,
 ) -> tuple[Optional[float], Optional[float], str]:
     """The learning rate just below the top of the learning band: its edge η_edge divided by ``margin``.
 
