@@ -5,7 +5,12 @@ ratio of the sweep, and divide it by ``margin``. τ at that η is interpolated (
 grid τ around it: an estimate, not a measurement. The rule is evaluated on all eight tasks at once, so nothing here
 is held out: it is a lead for the next benchmark, not evidence for a default.
 
-    python benchmarks/analyze_learning_edge.py
+    python benchmarks/analyze_learning_edge.py            # the rule, before it was built (eight tasks)
+    python benchmarks/analyze_learning_edge.py --margins  # the built anchor's margin over all 15 tasks
+
+``--margins`` replays the trainability-anchored sweeps of all 15 tasks and gives τ at edge/m for several m: measured
+where the benchmark ran that η, interpolated otherwise. It asks whether another margin than 1.5 would meet the
+≤ 1.25 target everywhere (it would not).
 """
 
 import gzip
@@ -13,10 +18,17 @@ import json
 import math
 import os
 import statistics
+import sys
 from typing import Optional
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FILES = ("finder_run3_cpu.json.gz", "finder_heldout_cpu.json.gz")
+TRAINABILITY_FILES = (  # every task's sweep with anchor="trainability" (set 3 and fashion_cnn swept both anchors)
+    "finder_trainability_cpu.json.gz",
+    "finder_heldout2_trainability_cpu.json.gz",
+    "finder_fashion_cnn_trainability_cpu.json.gz",
+    "finder_heldout3_cpu.json.gz",
+)
 
 
 def grid_tau(task: dict, lr: float, seed: int) -> float:
@@ -69,5 +81,39 @@ def main() -> None:
             print(f"k={k} margin={margin}: worst {worst:.2f} | " + ", ".join(cells))
 
 
+def trainability_sweep(finder: dict) -> dict:
+    """The sweep of ``finder`` that ran with the trainability anchor (runs of set 3 hold both anchors' sweeps)."""
+    for key in ("chaos", "chaos_other"):
+        if finder.get(key, {}).get("anchor") == "trainability":
+            return finder[key]
+    raise KeyError("no trainability-anchored sweep")
+
+
+def margins(candidates: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)) -> None:
+    """τ ratio at edge/m per task and m, over every task measured with the trainability anchor."""
+    ratios: dict[str, list[float]] = {}
+    for name in TRAINABILITY_FILES:
+        with gzip.open(os.path.join(RESULTS, name)) as fh:
+            tasks = json.load(fh)["tasks"]
+        for task_name, task in tasks.items():
+            best = min(statistics.median(grid_tau(task, g, s) for s in task["seeds"]) for g in task["grid"])
+            row = []
+            for margin in candidates:
+                taus = []
+                for finder in task["finders"][: len(task["seeds"])]:
+                    lr, seed = trainability_sweep(finder)["trainability_edge"] / margin, finder["seed"]
+                    measured = next((run["tau"] for key, run in task["runs"].items()
+                                     if int(key.split("|")[1]) == seed and abs(float(key.split("|")[0]) - lr) / lr < 1e-4),
+                                    None)
+                    taus.append(measured if measured is not None else interpolated_tau(task, lr, seed))
+                row.append(statistics.median(taus) / best)
+            ratios[task_name] = row
+            print(f"{task_name:16s} " + " ".join(f"m={m:g}: {r:5.2f}" for m, r in zip(candidates, row)))
+    for index, margin in enumerate(candidates):
+        column = [row[index] for row in ratios.values()]
+        within = sum(r <= 1.25 for r in column)
+        print(f"m={margin:g}: worst {max(column):.2f}, within 1.25x on {within} of {len(column)}")
+
+
 if __name__ == "__main__":
-    main()
+    margins() if "--margins" in sys.argv else main()
