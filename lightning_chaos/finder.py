@@ -1,4 +1,5 @@
-"""ChaosLRFinder: choose the learning rate at the edge of chaos, on clones, without taking over the fit loop."""
+"""ChaosLRFinder: sweep the learning rate for chaos and trainability on clones, without taking over the fit loop, and
+set it just below the top of the learning band (or the onset of chaos)."""
 
 import math
 import time
@@ -48,14 +49,16 @@ class ChaosLRFinderResult:
     """The evidence of a chaos LR sweep. Every per-η tensor follows ``lrs`` (increasing).
 
     Attributes:
-        lrs: the swept learning rates η (the coarse grid plus any refinement around the onset).
+        lrs: the swept learning rates η (the coarse grid plus any refinement next to the anchor).
         exponents: Λ(η), mean over initialisations, per optimizer step.
         sensitive_fraction: ρ(η), the fraction of initialisations that are chaotic by the onset rule.
         learning: whether the reference run still learned at η (loss went down, no divergence), by majority.
         suggestion: the suggested learning rate, or None (see the warning it came with).
-        onset: η*, the first η with ρ ≥ 0.5, or None.
+        onset: η*, the first η with ρ ≥ 0.5 (or, when chaos starts below every η that learns, the first failing η
+            above the learning band), or None.
         exponents_per_init: Λ per η and initialisation, [num_lrs, num_inits].
         loss_ratio: mean loss of the last quarter of the window over the first loss (at the initial parameters), per η.
+            For a negative first loss, 1 − (first − last) / |first|: below 1 always means the loss fell.
         steps_per_lr: optimizer steps each Λ was measured over.
         rule: the onset rule used.
         reason: why there is no suggestion ("" when there is one).
@@ -97,7 +100,9 @@ class ChaosLRFinderResult:
 
         loss_ax = None
         if ax is None:
-            fig, (ax, loss_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=(3, 2))
+            fig, (ax, loss_ax) = plt.subplots(
+                2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": (3, 2)}
+            )
         else:
             fig = ax.figure
         lrs = self.lrs.numpy()
@@ -153,7 +158,7 @@ class ChaosLRFinderResult:
 
 
 class ChaosLRFinder(Callback):
-    r"""Find the learning rate at the edge of chaos and set it, before training starts.
+    r"""Sweep the learning rate for chaos and trainability, and set it before training starts.
 
     For each η of a geometric grid from ``min_lr`` to ``max_lr``, a reference copy of the model and ε-perturbed
     shadows train for ``steps_per_lr`` optimizer steps on the same batches (the first batches of the trainer's
@@ -169,11 +174,13 @@ class ChaosLRFinder(Callback):
     from the one named by ``anchor``, after refining the grid with ``refine`` points next to it.
 
     The default anchor is the top of the learning band. The seed paper's hypothesis, that training is fastest near the
-    onset of chaos, held on tanh networks under SGD, where the two edges coincide. It failed on ReLU networks, on CNNs
-    and under Adam, where the trajectory is already chaotic far below the fastest η: there the onset suggestion never
-    reached the target accuracy on 5 of 15 benchmark tasks, while the top of the learning band never failed
-    (benchmarks/FINDER_RESULTS.md). ``anchor="onset"`` keeps the paper's rule. Then, when the grid never reaches chaos
-    or chaos appears only where learning has already failed, there is no suggestion, and a warning says what to widen.
+    onset of chaos, held on tanh networks under SGD, where the two edges coincide. On the benchmark's ReLU MLPs and
+    under Adam the trajectory is already chaotic far below the fastest η, and on CNNs whose initial plateau is chaotic
+    the onset falls past the band: the onset suggestion never reached the target accuracy on 5 of 15 tasks, while the
+    top of the learning band never failed (benchmarks/FINDER_RESULTS.md). With the default there is no suggestion
+    when nothing learns or when the network still learns well at ``max_lr``. ``anchor="onset"`` keeps the paper's
+    rule; then there is also none when the grid never reaches chaos or chaos appears only where learning has already
+    failed. A warning says what to widen.
 
     Everything runs on clones in the finder's own loop: afterwards the model's weights, the optimizer's state, the RNG
     state and the trainer's state are what they were, apart from the learning rate it sets, which is written like
@@ -191,10 +198,11 @@ class ChaosLRFinder(Callback):
         epsilon: relative size of the perturbation, ‖δ‖ = ε‖θ‖.
         renormalize_every: pull-back period of the Benettin estimate, in steps.
         rule: onset rule, ``"efold"`` (default), ``"baseline"`` or ``"positive"``.
-        margin: factor ≥ 1 to step back below the anchor. The default 1.5 comes from benchmarks/FINDER_RESULTS.md: on
-            the five tasks it was chosen on it had the best worst case (τ within 1.4× of the best grid η); 1 overshot
-            into divergence and 2 cost up to 1.8×. Below the edge τ grows about like 1/η, so the margin is also
-            roughly what it costs when the edge is found exactly.
+        margin: factor ≥ 1 to step back below the anchor. The default 1.5 was chosen for the onset anchor on five
+            tasks (the best worst case there; 1 overshot into divergence) and kept for the trainability anchor. Over
+            all 15 benchmark tasks no margin keeps τ within 1.25× of the best grid η everywhere; 1.25 and 2 do about as
+            well (benchmarks/FINDER_RESULTS.md). Below the edge τ grows about like 1/η, so the margin is also roughly
+            what it costs when the edge is found exactly.
         refine: extra grid points next to the anchor: just above the top of the learning band, or between the last
             ordered η and the onset (0 to skip).
         attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
@@ -592,12 +600,12 @@ class ChaosLRFinder(Callback):
     @staticmethod
     def _report(trainer: Trainer, result: ChaosLRFinderResult) -> None:
         if result.suggestion is not None:
-            onset = "no onset of chaos in the grid" if result.onset is None else f"onset of chaos at lr={result.onset:.3g}"
             if result.anchor == "trainability":
-                found = f"top of the learning band at lr={result.trainability_edge:.3g} ({onset})"
+                onset = "" if result.onset is None else f"; anchor='onset' would step back from lr={result.onset:.3g}"
+                found = f"top of the learning band at lr={result.trainability_edge:.3g}{onset}"
             else:
                 where = "still learning there" if result.learning_at_onset else "where learning also fails"
-                found = f"{onset} ({where})"
+                found = f"onset of chaos at lr={result.onset:.3g} ({where})"
             rank_zero_info(
                 f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g} ({len(result.lrs)} learning rates,"
                 f" {result.seconds:.1f} s)."
@@ -657,7 +665,8 @@ class _Candidate:
         loss_values = torch.stack(self.losses).double().cpu() if self.losses else torch.tensor([math.nan])
         head = loss_values[0]  # the loss at the initial parameters: the same for every η
         tail = loss_values[-max(1, len(loss_values) // 4) :].mean()
-        ratio = (tail / head).item()
+        # tail / head for a positive initial loss; measured against |head| so that below 1 means "fell" for any sign
+        ratio = (1 - (head - tail) / head.abs().clamp_min(torch.finfo(torch.float64).tiny)).item()
         diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
         learning = not diverged and ratio < _LEARNING_LOSS_RATIO
         return exponent, ratio, learning

@@ -6,9 +6,11 @@ when a ``TensorBoardLogger`` is present.
 """
 
 from collections.abc import Mapping
+
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 PREFIX = "chaos"
@@ -98,16 +100,20 @@ def write_finder_result(logger: TensorBoardLogger, result) -> None:
     """The finder's figure under Images and Λ(η), ρ(η) and the loss ratio as scalars indexed by grid position (η logged
     beside)."""
     writer = logger.experiment
-    for index, (lr, exponent, fraction, ratio) in enumerate(
-        zip(result.lrs.tolist(), result.exponents.tolist(), result.sensitive_fraction.tolist(),
-            result.loss_ratio.tolist())
+    for index, (lr, exponent, fraction) in enumerate(
+        zip(result.lrs.tolist(), result.exponents.tolist(), result.sensitive_fraction.tolist())
     ):
         writer.add_scalar(f"{FINDER_PREFIX}/lr", lr, index)
         writer.add_scalar(f"{FINDER_PREFIX}/exponent", exponent, index)
         writer.add_scalar(f"{FINDER_PREFIX}/sensitive_fraction", fraction, index)
-        writer.add_scalar(f"{FINDER_PREFIX}/loss_ratio", ratio, index)
+    if result.loss_ratio.numel() == result.lrs.numel():
+        for index, ratio in enumerate(result.loss_ratio.tolist()):
+            writer.add_scalar(f"{FINDER_PREFIX}/loss_ratio", ratio, index)
     try:
         figure = result.plot()
     except ImportError:  # matplotlib is optional
+        return
+    except Exception as error:  # a figure must never fail the fit that follows the sweep
+        rank_zero_warn(f"ChaosLRFinder: could not draw the sweep's figure for TensorBoard: {error!r}")
         return
     writer.add_figure(f"{FINDER_PREFIX}/sweep", figure, close=True)

@@ -46,42 +46,62 @@ def test_quadratic_exponents_match_ground_truth_and_no_suggestion_is_made(vector
     assert model.lr == 0.1
 
 
-def _exact_quadratic_loss_ratio(model: Quadratic, lr: float, steps: int) -> float:
-    """Mean loss over the last quarter of ``steps`` GD steps over the initial loss, from the eigen-decomposition:
-    L_t = ½ Σ_i a_i (1 − η a_i)^(2t) c_i², with c the initial weights in the eigenbasis."""
+class OffsetQuadratic(Quadratic):
+    """The quadratic plus a constant: L = ½ θᵀAθ + c. Its loss ratio plateaus at c / L(0) wherever GD converges, so
+    a whole band of η learns equally well and its top differs from the best η."""
+
+    def __init__(self, eigenvalues, lr, offset):
+        super().__init__(eigenvalues, lr)
+        self.offset = offset
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + self.offset
+
+
+def _exact_loss_ratio(model: OffsetQuadratic, lr: float, steps: int) -> float:
+    """The finder's loss ratio from the eigen-decomposition: L_t = ½ Σ_i a_i (1 − η a_i)^(2t) c_i² + offset, with c the
+    initial weights in the eigenbasis; mean over the last quarter of ``steps`` against L_0, measured against |L_0|."""
     eigenvalues, basis = torch.linalg.eigh(model.a)
     c = basis.T @ model.weight.detach()
-    loss = [0.5 * (eigenvalues * (1 - lr * eigenvalues) ** (2 * t) * c**2).sum().item() for t in range(steps)]
+    loss = [
+        0.5 * (eigenvalues * (1 - lr * eigenvalues) ** (2 * t) * c**2).sum().item() + model.offset for t in range(steps)
+    ]
     tail = loss[-(steps // 4):]
-    return sum(tail) / len(tail) / loss[0]
+    return 1 - (loss[0] - sum(tail) / len(tail)) / abs(loss[0])
 
 
-@pytest.mark.parametrize("vectorize", [True, False], ids=["stacked", "one-at-a-time"])
-def test_default_anchor_on_the_quadratic_steps_back_from_the_exact_top_of_the_learning_band(vectorize):
-    model = Quadratic(EIGENVALUES, lr=0.1)
-    steps = 40
+def _offset_quadratic_sweep(offset, vectorize):
+    model = OffsetQuadratic(EIGENVALUES, lr=0.1, offset=offset)
     result = find_chaos_lr(
-        quiet_trainer(max_steps=10, precision="64-true"),
-        model,
-        train_dataloaders=dummy_loader(steps),
-        min_lr=0.01,
-        max_lr=2.0,
-        num_lrs=12,
-        steps_per_lr=steps,
-        vectorize=vectorize,
+        quiet_trainer(max_steps=10, precision="64-true"), model, train_dataloaders=dummy_loader(40),
+        min_lr=0.01, max_lr=2.0, num_lrs=12, steps_per_lr=40, vectorize=vectorize,
     )
+    return model, result
+
+
+@pytest.mark.parametrize("offset", [0.5, -3.0], ids=["positive-loss", "negative-loss"])
+def test_default_anchor_on_the_quadratic_steps_back_from_the_exact_top_of_the_learning_band(offset):
+    model, result = _offset_quadratic_sweep(offset, vectorize=True)
+    _, sequential = _offset_quadratic_sweep(offset, vectorize=False)
     assert result.anchor == "trainability"
     learning = result.learning
-    exact = torch.tensor(
-        [_exact_quadratic_loss_ratio(model, lr, steps) for lr in result.lrs[learning].tolist()], dtype=torch.float64
-    )
-    assert torch.allclose(result.loss_ratio[learning], exact, rtol=1e-9, atol=0), (result.loss_ratio, exact)
-    # The whole rule on the exact ratios: the suggestion is the top of the band (ratio within 1.25x of the best) / 1.5.
-    best = exact.min()
-    edge = result.lrs[learning][exact <= 1.25 * best].max().item()
+    exact = torch.tensor([_exact_loss_ratio(model, lr, 40) for lr in result.lrs.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(result.loss_ratio[learning], exact[learning], rtol=1e-9, atol=1e-12)
+    # The rule on the exact ratios: the largest η within 1.25x of the best ratio (the same distance above it when the
+    # loss is negative), divided by 1.5. Several η learn about equally well, so the top is not the best η.
+    best = exact[learning].min()
+    well = learning & (exact <= best + 0.25 * best.abs())
+    assert well.sum() >= 3 and result.lrs[learning][exact[learning].argmin()] < result.lrs[well].max()
+    edge = result.lrs[well].max().item()
     assert result.trainability_edge == edge
     assert result.suggestion == pytest.approx(edge / 1.5, rel=1e-12) and model.lr == result.suggestion
-    assert 0.01 < result.suggestion < 2 / 3  # inside the band where gradient descent contracts
+    # The four refined η lie just above the top of the coarse band, between it and the next coarse η.
+    coarse = torch.logspace(math.log10(0.01), math.log10(2.0), 12, dtype=torch.float64)
+    coarse_well = [lr for lr in coarse.tolist() if lr in result.lrs.tolist() and well[result.lrs.tolist().index(lr)]]
+    refined = [lr for lr in result.lrs.tolist() if not torch.isclose(coarse, torch.tensor(lr, dtype=torch.float64)).any()]
+    next_coarse = coarse[coarse > max(coarse_well)][0].item()
+    assert len(refined) == 4 and all(max(coarse_well) < lr < next_coarse for lr in refined)
+    assert sequential.suggestion == pytest.approx(result.suggestion, rel=1e-12)
 
 
 def _fit_dropout_mlp(callbacks, max_epochs=2):
@@ -152,21 +172,24 @@ def test_digits_suggestion_lies_between_stable_and_divergent_learning_rates():
     assert result.learning[result.lrs <= result.suggestion][-1]
 
 
-def _digits_sweep(model_class, vectorize):
+def _digits_sweep(model_class, vectorize, anchor="trainability"):
     from lightning_chaos.demo import DigitsDataModule
 
     L.seed_everything(0, verbose=False)
     return find_chaos_lr(quiet_trainer(max_epochs=1), model_class(hidden=(32,), dropout=0.1, lr=0.1),
                          datamodule=DigitsDataModule(batch_size=64), min_lr=0.01, max_lr=20.0, num_lrs=5,
-                         steps_per_lr=30, refine=1, update_attr=False, vectorize=vectorize)
+                         steps_per_lr=30, refine=1, update_attr=False, vectorize=vectorize, anchor=anchor)
 
 
-def test_stacked_and_one_at_a_time_sweeps_agree_on_real_digits():
+@pytest.mark.parametrize("anchor", ["trainability", "onset"])
+def test_stacked_and_one_at_a_time_sweeps_agree_on_real_digits(anchor):
     """All candidates in one vmap per step (dropout replayed) give the exponents of the candidates run in turn."""
     pytest.importorskip("sklearn")
     from lightning_chaos.demo import MLPClassifier
 
-    stacked, sequential = _digits_sweep(MLPClassifier, True), _digits_sweep(MLPClassifier, False)
+    stacked = _digits_sweep(MLPClassifier, True, anchor=anchor)
+    sequential = _digits_sweep(MLPClassifier, False, anchor=anchor)
+    assert stacked.anchor == sequential.anchor == anchor
     assert stacked.suggestion == pytest.approx(sequential.suggestion)
     common = [lr for lr in sequential.lrs.tolist() if lr in stacked.lrs.tolist()]
     assert len(common) >= 4  # one at a time stops past the edge; stacked runs the whole coarse grid
@@ -194,27 +217,57 @@ def test_a_training_step_vmap_cannot_run_falls_back_to_one_candidate_at_a_time(c
     assert fallen_back.suggestion == sequential.suggestion
 
 
+def _vertical_lines(ax):
+    return {line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 2 and
+            line.get_xdata()[0] == line.get_xdata()[1]}
+
+
 def test_plot_draws_without_a_display():
     pytest.importorskip("matplotlib")
-    result = find_chaos_lr(quiet_trainer(max_steps=5, precision="64-true"), Quadratic(EIGENVALUES, 0.1),
-                           train_dataloaders=dummy_loader(5), min_lr=0.1, max_lr=2.0, num_lrs=4, steps_per_lr=20,
-                           refine=0, update_attr=False)
+    import matplotlib.pyplot as plt
+
+    _, result = _offset_quadratic_sweep(0.5, vectorize=True)
     figure = result.plot()
     ax, loss_ax = figure.axes[0], figure.axes[1]
     assert ax.get_xscale() == "log"
     assert len(ax.lines) >= 3
-    # The lower panel shows what the default anchor reads: the loss ratio per η, and where the band's top is.
+    # The lower panel shows what the default anchor reads: the loss ratio per η, the "learns well" threshold and the
+    # band's top, the onset and the suggestion.
     assert loss_ax.get_yscale() == "log"
     x, y = loss_ax.lines[0].get_data()
     finite = torch.isfinite(result.loss_ratio)
     assert list(x) == result.lrs[finite].tolist() and list(y) == result.loss_ratio[finite].tolist()
-    marked = {line.get_xdata()[0] for line in loss_ax.lines if len(line.get_xdata()) == 2}
-    assert result.trainability_edge in marked and result.suggestion in marked
+    threshold = 1.25 * result.loss_ratio[result.learning].min().item()
+    assert any(list(line.get_ydata()) == [threshold, threshold] for line in loss_ax.lines)
+    assert {result.trainability_edge, result.suggestion, result.onset} <= _vertical_lines(loss_ax)
     # Into a given axes, only the exponent panel.
-    import matplotlib.pyplot as plt
-
     _, single = plt.subplots()
     assert result.plot(ax=single) is single.figure and len(single.figure.axes) == 2  # the Λ axes and its ρ twin
+    plt.close("all")
+
+
+def test_plot_copes_with_diverged_runs_and_a_sweep_that_learned_nothing():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from lightning_chaos.finder import ChaosLRFinderResult
+
+    lrs = torch.tensor([0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
+    ratio = torch.tensor([0.9, 0.3, math.inf, math.nan], dtype=torch.float64)
+    learned = torch.tensor([True, True, False, False])
+    for loss_ratio, learning in ((ratio, learned), (ratio, torch.zeros(4, dtype=torch.bool)), (torch.empty(0), learned)):
+        result = ChaosLRFinderResult(lrs=lrs, exponents=torch.tensor([-0.01, 0.0, 0.5, math.nan], dtype=torch.float64),
+                                     sensitive_fraction=torch.tensor([0.0, 0.0, 1.0, 1.0]), learning=learning,
+                                     suggestion=None, loss_ratio=loss_ratio, steps_per_lr=100)
+        figure = result.plot()
+        loss_ax = figure.axes[1]
+        if loss_ratio.numel():
+            x, _ = loss_ax.lines[0].get_data()
+            assert list(x) == [0.01, 0.1]  # the diverged runs' inf and NaN are left out
+        else:
+            assert not loss_ax.lines  # nothing to draw, and no error
+        assert not _vertical_lines(figure.axes[0])  # no onset, edge or suggestion to mark
+    plt.close("all")
 
 
 @pytest.mark.parametrize(
@@ -307,6 +360,8 @@ def test_trainability_edge_is_the_largest_learning_rate_that_learns_well():
     assert suggestion is None and edge == 10.0 and "larger `max_lr`" in reason
     suggestion, edge, reason = trainability_edge_suggestion(lrs, torch.ones(4), torch.zeros(4) > 0)
     assert suggestion is None and edge is None and "learned at no learning rate" in reason
+    with pytest.raises(ValueError, match="`margin` and `tolerance` must be >= 1"):
+        trainability_edge_suggestion(lrs, torch.ones(4), torch.ones(4) > 0, tolerance=0.8)
 
 
 def _relu_digits_sweep(anchor):

@@ -4,6 +4,7 @@ import csv
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
@@ -204,3 +205,18 @@ def test_finder_figure_and_curve_reach_tensorboard(tmp_path):
     assert [p.value for p in curve] == pytest.approx(result.exponents.tolist(), rel=1e-5)
     losses = events.Scalars(f"{chaos_logging.FINDER_PREFIX}/loss_ratio")
     assert [p.value for p in losses] == pytest.approx(result.loss_ratio.tolist(), rel=1e-5, nan_ok=True)
+
+
+def test_finder_result_without_loss_ratios_still_logs_its_exponents(tmp_path):
+    from lightning_chaos.finder import ChaosLRFinderResult
+
+    logger = TensorBoardLogger(tmp_path, name="finder")
+    result = ChaosLRFinderResult(lrs=torch.tensor([0.1, 1.0]), exponents=torch.tensor([-0.01, 0.2]),
+                                 sensitive_fraction=torch.tensor([0.0, 1.0]), learning=torch.tensor([True, False]),
+                                 suggestion=None)  # a result built by hand or saved before loss ratios existed
+    chaos_logging.write_finder_result(logger, result)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    assert [p.value for p in events.Scalars(f"{chaos_logging.FINDER_PREFIX}/exponent")] == pytest.approx([-0.01, 0.2])
+    assert f"{chaos_logging.FINDER_PREFIX}/loss_ratio" not in events.Tags()["scalars"]
