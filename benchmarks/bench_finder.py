@@ -100,7 +100,7 @@ class TimeToTarget(Callback):
 
 
 ACCELERATOR = "cpu"  # --accelerator
-ANCHOR = "onset"  # --anchor
+ANCHOR = "trainability"  # --anchor (the finder's default)
 
 
 def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
@@ -144,7 +144,7 @@ def inferred_never(lr: float, seed: int) -> dict:
     return {"lr": lr, "seed": seed, "tau": NEVER, "diverged": False, "inferred": True, "curve": [], "seconds": 0.0}
 
 
-def run_finders(task: Task, seed: int, root: str) -> dict:
+def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True) -> dict:
     """find_chaos_lr and lr_find on the same fresh model of seed ``seed``, interleaved (order alternates with seed)."""
     out: dict[str, Any] = {"seed": seed}
 
@@ -181,8 +181,8 @@ def run_finders(task: Task, seed: int, root: str) -> dict:
 
     for call in (chaos, lr_find) if seed % 2 == 0 else (lr_find, chaos):
         call()
-    # The other anchor's own sweep (it refines the grid elsewhere), untimed, for the anchor comparison.
-    chaos("trainability" if ANCHOR == "onset" else "onset", "chaos_other")
+    if both_anchors:  # the other anchor's own sweep (it refines the grid elsewhere), untimed, for the comparison
+        chaos("trainability" if ANCHOR == "onset" else "onset", "chaos_other")
     out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
     return out
 
@@ -284,7 +284,8 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
         best = grid[best_lr]
         finders = [f for f in data["finders"] if f["seed"] in data["seeds"]]  # the others are timing-only
         chaos_lrs = {f["seed"]: f["chaos"]["suggestion"] for f in finders}
-        onsets = {f["seed"]: anchored_sweep(f, "onset")["onset"] for f in finders}  # from the onset-anchored sweep
+        onset_sweeps = {f["seed"]: anchored_sweep(f, "onset") for f in finders}  # the onset-anchored sweeps
+        onsets = {s: (sweep or {}).get("onset") for s, sweep in onset_sweeps.items()}
         lrfind_lrs = {f["seed"]: f["lrfind"]["suggestion"] for f in finders}
         tau_chaos = median_tau(taus(chaos_lrs))
         tau_lrfind = median_tau(taus(lrfind_lrs))
@@ -311,8 +312,11 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
         onset = med(onsets)
         cells = []
         for margin in args.margins:
-            values = [runs[_key(onsets[s] / margin, s)]["tau"] for s in data["seeds"] if onsets[s] is not None]
-            tau_m = median_tau(values)
+            keys = [_key(onsets[s] / margin, s) for s in data["seeds"] if onsets[s] is not None]
+            if any(k not in runs for k in keys):
+                cells.append("—")  # this margin was not measured in this run
+                continue
+            tau_m = median_tau([runs[k]["tau"] for k in keys])
             cells.append(f"{fmt_tau(tau_m)} ({ratio(tau_m)})")
             margin_ratios[margin].append(tau_m / best if not math.isinf(best) else NEVER)
             if any(lr is not None for lr in chaos_lrs.values()):
@@ -424,13 +428,14 @@ def oracle_transfer(results: dict) -> str:
     return "\n".join(lines)
 
 
-def anchored_sweep(finder: dict, anchor: str) -> dict:
-    """The sweep that ran with ``anchor`` ("onset" or "trainability_edge"): each anchor refines its own bracket."""
+def anchored_sweep(finder: dict, anchor: str) -> Optional[dict]:
+    """The sweep that ran with ``anchor`` ("onset" or "trainability_edge"), or None: each anchor refines its own
+    bracket, so one anchor's edge read off the other's sweep is not what that anchor would have suggested."""
     wanted = "onset" if anchor == "onset" else "trainability"
     for key in ("chaos", "chaos_other"):
-        if key in finder and finder[key].get("anchor", "onset") == wanted:
+        if key in finder and finder[key].get("anchor", "onset") == wanted:  # saved before anchors existed: onset
             return finder[key]
-    return finder["chaos"]  # results saved before both anchors were swept: the one sweep there is
+    return None
 
 
 def anchor_table(results: dict, margins: list[float]) -> str:
@@ -446,12 +451,14 @@ def anchor_table(results: dict, margins: list[float]) -> str:
         for anchor in ("onset", "trainability_edge"):
             for margin in margins:
                 sweeps = [(anchored_sweep(f, anchor), f["seed"]) for f in finders]
-                taus = [
-                    runs.get(_key(sweep[anchor] / margin, seed), {"tau": NEVER})["tau"]
-                    if sweep.get(anchor) is not None else NEVER
+                keys = [
+                    _key(sweep[anchor] / margin, seed) if sweep is not None and sweep.get(anchor) is not None else None
                     for sweep, seed in sweeps
                 ]
-                tau = median_tau(taus)
+                if any(sweep is None for sweep, _ in sweeps) or any(k is not None and k not in runs for k in keys):
+                    cells.append("—")  # not measured in this run
+                    continue
+                tau = median_tau([runs[k]["tau"] if k is not None else NEVER for k in keys])
                 cells.append("∞" if math.isinf(tau) else f"{tau / grid[best_lr]:.2f}")
         lines.append(f"| {name} | {best_lr:.3g} → {fmt_tau(grid[best_lr])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -492,7 +499,8 @@ def main() -> None:
     parser.add_argument("--from-json", default="", help="only print the tables of a saved --json file")
     parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
-    parser.add_argument("--anchor", default="onset", choices=["onset", "trainability"], help="the finder's anchor")
+    parser.add_argument("--anchor", default="trainability", choices=["onset", "trainability"],
+                        help="the anchor of the timed finder run (the other anchor's sweep runs untimed beside it)")
     args = parser.parse_args()
     global ACCELERATOR, ANCHOR
     ACCELERATOR, ANCHOR = args.accelerator, args.anchor
@@ -538,7 +546,7 @@ def main() -> None:
             results["tasks"][name] = data
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 for rep in range(max(args.timing_reps, len(seeds))):
-                    data["finders"].append(run_finders(task, rep, root))
+                    data["finders"].append(run_finders(task, rep, root, both_anchors=rep < len(seeds)))
             for f in data["finders"]:
                 print(
                     f"[{name}] seed {f['seed']}: chaos onset {fmt_lr(f['chaos']['onset'])} suggestion"
@@ -566,7 +574,7 @@ def main() -> None:
                 wanted = [f["chaos"]["suggestion"], f["lrfind"]["suggestion"], task.default_lr]
                 for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
                     sweep = anchored_sweep(f, anchor)
-                    if sweep.get(anchor) is not None:
+                    if sweep is not None and sweep.get(anchor) is not None:
                         wanted += [sweep[anchor] / m for m in args.margins]
                 for lr in wanted:
                     key = _key(lr, seed) if lr is not None else None
