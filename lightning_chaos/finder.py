@@ -456,21 +456,23 @@ class ChaosLRFinder(Callback):
 
     def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list, step_context):
         """All candidates (references and shadows of every η) in one ``vmap`` per step; one at a time from the step
-        where a batched step fails (the reason is said once at info level)."""
+        where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
+        stack: the others go on in a smaller one, so its rows cost nothing more."""
         device = pl_module.device
-        members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        try:
-            stacked: Optional[StackedShadows] = StackedShadows(members, names, full_precision_convolutions=True)
-        except Exception as error:  # an odd module must not stop the sweep: train the candidates in turn
-            stacked = None
-            self._stack = False
-            rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
         width = 1 + self.num_shadows
+        in_stack = list(candidates)  # the candidates whose rows are in `stacked`, in row order
+        stacked = self._stack_candidates(in_stack, names)
         for batch_idx, (batch, rng_state) in enumerate(batches):
             active = [c for c in candidates if not c.done]
             if not active:
                 break  # every candidate diverged: nothing left to learn from these steps
+            if stacked is not None and len(active) < len(in_stack):
+                for candidate in in_stack:
+                    if candidate.done:  # its .grad must not keep the old batched gradients alive
+                        candidate.release_gradients()
+                in_stack = active
+                stacked = self._stack_candidates(in_stack, names)
             losses = None
             if stacked is not None:
                 try:
@@ -480,11 +482,9 @@ class ChaosLRFinder(Callback):
                     stacked = None
                     self._stack = False
                     rank_zero_info(f"ChaosLRFinder: training the candidates one at a time from now on: {error}.")
-            for index, candidate in enumerate(candidates):
-                if candidate.done:
-                    continue
+            for row, candidate in enumerate(active):
                 if losses is not None:
-                    offset = index * width
+                    offset = row * width  # `active` is the stack's row order here
                     candidate.reference.take_gradients(grads, [offset], zero_grad=True)
                     candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), zero_grad=True)
                     loss = losses[offset]
@@ -492,6 +492,17 @@ class ChaosLRFinder(Callback):
                     loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
                     candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
                 candidate.step(loss, self.renormalize_every)
+
+    def _stack_candidates(self, candidates: list["_Candidate"], names: list[str]) -> Optional[StackedShadows]:
+        """The candidates' references and shadows as views into stacked tensors, or None (said at info level) when
+        the module cannot be stacked: an odd module must not stop the sweep."""
+        members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
+        try:
+            return StackedShadows(members, names, full_precision_convolutions=True)
+        except Exception as error:
+            self._stack = False
+            rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
+            return None
 
     def _summarise(self, runs: dict[float, list[tuple[float, float, bool]]]) -> ChaosLRFinderResult:
         lrs = sorted(runs)
@@ -647,6 +658,11 @@ class _Candidate:
         if self.steps % _DIVERGENCE_CHECK_EVERY == 0 and self.losses and self._diverged():
             self.done = True
         return self.done
+
+    def release_gradients(self) -> None:
+        """Drop the finished run's gradients (views into batched tensors that would otherwise stay alive)."""
+        for optimizer in self.reference.optimizers + self.shadows.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _diverged(self) -> bool:
         first, last = self.losses[0].item(), self.losses[-1].item()

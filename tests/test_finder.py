@@ -197,6 +197,34 @@ def test_stacked_and_one_at_a_time_sweeps_agree_on_real_digits(anchor):
     torch.testing.assert_close(pick(stacked), pick(sequential), rtol=1e-3, atol=1e-6)
 
 
+def test_diverged_candidates_leave_the_stack(monkeypatch):
+    """The issue's "stop diverged candidates early" in the stacked sweep: after a divergence the remaining candidates
+    train in a smaller vmap, and the exponents are those of the candidates run one at a time."""
+    pytest.importorskip("sklearn")
+    import lightning_chaos.finder as finder_module
+    from lightning_chaos.demo import MLPClassifier
+
+    sizes = []
+
+    class RecordingStack(finder_module.StackedShadows):
+        def __init__(self, shadows, *args, **kwargs):
+            sizes.append(len(shadows))
+            super().__init__(shadows, *args, **kwargs)
+
+    monkeypatch.setattr(finder_module, "StackedShadows", RecordingStack)
+    stacked = _digits_sweep(MLPClassifier, True)
+    sequential = _digits_sweep(MLPClassifier, False)
+    diverged = int((~torch.isfinite(stacked.loss_ratio) | (stacked.loss_ratio > 10)).sum())
+    assert diverged >= 1
+    # 5 coarse η x (reference + 1 shadow), shrinking as the largest η diverge, then the refinement's own stack (1 η)
+    assert sizes[0] == 5 * 2 and sizes[-1] == 1 * 2
+    assert len(sizes) > 2 and all(2 < size < 10 for size in sizes[1:-1]) and sizes[1:-1] == sorted(sizes[1:-1])[::-1]
+    common = [lr for lr in sequential.lrs.tolist() if lr in stacked.lrs.tolist()]
+    pick = lambda result: result.exponents[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
+    learned = torch.tensor([stacked.learning[stacked.lrs.tolist().index(lr)].item() for lr in common])
+    torch.testing.assert_close(pick(stacked)[learned], pick(sequential)[learned], rtol=1e-3, atol=1e-6)
+
+
 def test_a_training_step_vmap_cannot_run_falls_back_to_one_candidate_at_a_time(caplog):
     pytest.importorskip("sklearn")
     import logging
