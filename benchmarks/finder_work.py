@@ -5,7 +5,8 @@ benchmark tasks. "kept" is what the sweep computed before diverged candidates le
 size times the steps it ran. The counts are exact and do not depend on the machine.
 
 ``--timing`` also times the sweep both ways in one process, interleaved: as it is, and with the earlier
-``_train_stacked`` (below, verbatim but for names), which kept diverged candidates' rows in the vmap.
+``_train_stacked`` (below, without its fallback to one candidate at a time, which these tasks never need), which kept
+diverged candidates' rows in the vmap.
 
     python benchmarks/finder_work.py --tasks digits_mlp mnist_mlp digits_cnn
     python benchmarks/finder_work.py --tasks digits_mlp mnist_mlp --timing 7

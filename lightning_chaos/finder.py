@@ -469,8 +469,8 @@ class ChaosLRFinder(Callback):
                 break  # every candidate diverged: nothing left to learn from these steps
             if stacked is not None and len(active) < len(in_stack):
                 for candidate in in_stack:
-                    if candidate.done:  # its .grad must not keep the old batched gradients alive
-                        candidate.release_gradients()
+                    if candidate.done:  # it must keep neither the old stack nor its batched gradients alive
+                        candidate.detach_from_stack()
                 in_stack = active
                 stacked = self._stack_candidates(in_stack, names)
             losses = None
@@ -659,10 +659,15 @@ class _Candidate:
             self.done = True
         return self.done
 
-    def release_gradients(self) -> None:
-        """Drop the finished run's gradients (views into batched tensors that would otherwise stay alive)."""
+    @torch.no_grad()
+    def detach_from_stack(self) -> None:
+        """Give a finished run's tensors their own storage and drop its gradients: as views into a stack they would
+        keep the whole stack (every other candidate's rows) alive after the others moved on to a smaller one."""
         for optimizer in self.reference.optimizers + self.shadows.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        for module in self.reference.shadows + self.shadows.shadows:
+            for tensor in (*module.parameters(), *module.buffers()):
+                tensor.data = tensor.data.clone()
 
     def _diverged(self) -> bool:
         first, last = self.losses[0].item(), self.losses[-1].item()

@@ -16,7 +16,7 @@ import find_lr  # noqa: E402
 
 def test_find_lr_example_sets_the_suggestion_and_beats_the_default_lr_on_the_digits(tmp_path, capsys):
     figure = tmp_path / "sweep.png"
-    out = find_lr.main(["--epochs", "4", "--figure", str(figure)])
+    out = find_lr.main(["--epochs", "6", "--figure", str(figure)])
     result = out["result"]
     assert result.anchor == "trainability" and result.suggestion is not None
     assert out["model_lr"] == result.suggestion
