@@ -21,6 +21,8 @@ import statistics
 import sys
 from typing import Optional
 
+from bench_finder import anchored_sweep
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FILES = ("finder_run3_cpu.json.gz", "finder_heldout_cpu.json.gz")
 TRAINABILITY_FILES = (  # every task's sweep with anchor="trainability" (set 3 and fashion_cnn swept both anchors)
@@ -81,14 +83,6 @@ def main() -> None:
             print(f"k={k} margin={margin}: worst {worst:.2f} | " + ", ".join(cells))
 
 
-def trainability_sweep(finder: dict) -> dict:
-    """The sweep of ``finder`` that ran with the trainability anchor (runs of set 3 hold both anchors' sweeps)."""
-    for key in ("chaos", "chaos_other"):
-        if finder.get(key, {}).get("anchor") == "trainability":
-            return finder[key]
-    raise KeyError("no trainability-anchored sweep")
-
-
 def margins(candidates: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)) -> None:
     """τ ratio at edge/m per task and m, over every task measured with the trainability anchor."""
     ratios: dict[str, list[float]] = {}
@@ -101,11 +95,11 @@ def margins(candidates: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0)) -> None:
             for margin in candidates:
                 taus = []
                 for finder in task["finders"][: len(task["seeds"])]:
-                    lr, seed = trainability_sweep(finder)["trainability_edge"] / margin, finder["seed"]
-                    measured = next((run["tau"] for key, run in task["runs"].items()
-                                     if int(key.split("|")[1]) == seed and abs(float(key.split("|")[0]) - lr) / lr < 1e-4),
-                                    None)
-                    taus.append(measured if measured is not None else interpolated_tau(task, lr, seed))
+                    lr, seed = anchored_sweep(finder, "trainability_edge")["trainability_edge"] / margin, finder["seed"]
+                    try:
+                        taus.append(grid_tau(task, lr, seed))  # measured where the benchmark ran this η
+                    except KeyError:
+                        taus.append(interpolated_tau(task, lr, seed))
                 row.append(statistics.median(taus) / best)
             ratios[task_name] = row
             print(f"{task_name:16s} " + " ".join(f"m={m:g}: {r:5.2f}" for m, r in zip(candidates, row)))

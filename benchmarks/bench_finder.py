@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning
 import torch
@@ -260,6 +260,12 @@ def tau_at(curve: list[tuple[int, float]], target: float) -> float:
     return next((step for step, acc in curve if acc >= target), NEVER)
 
 
+def fastest_grid_lr(data: dict, seeds: list[int], tau: Callable[[dict], float] = lambda run: run["tau"]):
+    """(median τ over ``seeds`` per grid η, the grid η with the smallest; ties go to the smaller η)."""
+    grid = {lr: median_tau([tau(data["runs"][_key(lr, s)]) for s in seeds]) for lr in data["grid"]}
+    return grid, min(grid, key=lambda lr: (grid[lr], lr))
+
+
 def summarise(results: dict, args: argparse.Namespace) -> str:
     lines: list[str] = []
     add = lines.append
@@ -279,8 +285,7 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
                 runs[_key(lr, seed)]["tau"] if lr is not None else NEVER for seed, lr in lr_by_seed.items()
             ]
 
-        grid = {lr: median_tau([runs[_key(lr, s)]["tau"] for s in data["seeds"]]) for lr in data["grid"]}
-        best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+        grid, best_lr = fastest_grid_lr(data, data["seeds"])
         best = grid[best_lr]
         finders = [f for f in data["finders"] if f["seed"] in data["seeds"]]  # the others are timing-only
         chaos_lrs = {f["seed"]: f["chaos"]["suggestion"] for f in finders}
@@ -362,8 +367,7 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
         for name, data in results["tasks"].items():
             task, runs, seeds = TASKS[name], data["runs"], data["seeds"]
             target = task.target - args.secondary
-            grid = {lr: median_tau([tau_at(runs[_key(lr, s)]["curve"], target) for s in seeds]) for lr in data["grid"]}
-            best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+            grid, best_lr = fastest_grid_lr(data, seeds, lambda run: tau_at(run["curve"], target))
             finders = [f for f in data["finders"] if f["seed"] in seeds]
             chaos = median_tau([
                 tau_at(runs[_key(f["chaos"]["suggestion"], f["seed"])]["curve"], target)
@@ -407,20 +411,15 @@ def oracle_transfer(results: dict) -> str:
     """
     lines = ["| task | seeds | splits | median ratio | worst ratio |", "|---|---:|---:|---:|---:|"]
     for name, data in results["tasks"].items():
-        runs, seeds, grid = data["runs"], data["seeds"], data["grid"]
+        seeds = data["seeds"]
         if len(seeds) < 2:
             continue
         ratios = []
         for choosing in itertools.combinations(seeds, len(seeds) // 2):
-            judging = [s for s in seeds if s not in choosing]
-
-            def median_over(lr: float, group: list[int]) -> float:
-                return median_tau([runs[_key(lr, s)]["tau"] for s in group])
-
-            choice = min(grid, key=lambda lr: (median_over(lr, list(choosing)), lr))
-            best = min(median_over(lr, judging) for lr in grid)
-            if not math.isinf(best):
-                ratios.append(median_over(choice, judging) / best)
+            _, choice = fastest_grid_lr(data, list(choosing))
+            judged, best_lr = fastest_grid_lr(data, [s for s in seeds if s not in choosing])
+            if not math.isinf(judged[best_lr]):
+                ratios.append(judged[choice] / judged[best_lr])
         if ratios:
             worst = max(ratios)
             lines.append(f"| {name} | {len(seeds)} | {len(ratios)} | {statistics.median(ratios):.2f} |"
@@ -444,8 +443,7 @@ def anchor_table(results: dict, margins: list[float]) -> str:
              + " | ".join(f"edge/{m:g}" for m in margins) + " |", "|---|---|" + "---:|" * (2 * len(margins))]
     for name, data in results["tasks"].items():
         runs, seeds = data["runs"], data["seeds"]
-        grid = {lr: median_tau([runs[_key(lr, s)]["tau"] for s in seeds]) for lr in data["grid"]}
-        best_lr = min(grid, key=lambda lr: (grid[lr], lr))
+        grid, best_lr = fastest_grid_lr(data, seeds)
         finders = [f for f in data["finders"] if f["seed"] in seeds]
         cells = []
         for anchor in ("onset", "trainability_edge"):
