@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -266,6 +267,29 @@ def fastest_grid_lr(data: dict, seeds: list[int], tau: Callable[[dict], float] =
     return grid, min(grid, key=lambda lr: (grid[lr], lr))
 
 
+def ratio_interval(data: dict, lr_by_seed: dict[int, Optional[float]], resamples: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of τ(lr_by_seed)/τ(best grid η): the seeds resampled with replacement, the best grid η
+    re-chosen in every resample (its minimum over noisy medians is part of what the interval measures)."""
+    rng = random.Random(0)
+    seeds = list(lr_by_seed)
+    ratios = []
+    for _ in range(resamples):
+        sample = rng.choices(seeds, k=len(seeds))
+        grid, best_lr = fastest_grid_lr(data, sample)
+        if math.isinf(grid[best_lr]):
+            continue
+        taus = [data["runs"][_key(lr_by_seed[s], s)]["tau"] if lr_by_seed[s] is not None else NEVER for s in sample]
+        ratios.append(median_tau(taus) / grid[best_lr])
+    if not ratios:
+        return NEVER, NEVER
+    ratios.sort()
+    return ratios[int(0.025 * (len(ratios) - 1))], ratios[int(0.975 * (len(ratios) - 1))]
+
+
+def fmt_interval(interval: tuple[float, float]) -> str:
+    return "–".join("∞" if math.isinf(v) else f"{v:.2f}" for v in interval)
+
+
 def summarise(results: dict, args: argparse.Namespace) -> str:
     lines: list[str] = []
     add = lines.append
@@ -274,8 +298,8 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
     margin_ratios: dict[float, list[float]] = {m: [] for m in args.margins}
     margin_ratios_suggested: dict[float, list[float]] = {m: [] for m in args.margins}
     add("| task | target | budget | default η → τ | lr_find η → τ | chaos onset η* → suggestion η (τ) |"
-        " best grid η → τ | τ(chaos)/τ(best) | τ(lr_find)/τ(best) | chaos beats lr_find? |")
-    add("|---|---|---|---|---|---|---|---|---|---|")
+        " best grid η → τ | τ(chaos)/τ(best) | its 95 % interval | τ(lr_find)/τ(best) | chaos beats lr_find? |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, data in results["tasks"].items():
         task = TASKS[name]
         runs = data["runs"]
@@ -311,7 +335,8 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
             f"| {name} | {task.target:.0%} | {task.budget} | {task.default_lr:g} → {fmt_tau(tau_default)} |"
             f" {fmt_lr(med(lrfind_lrs))} → {fmt_tau(tau_lrfind)} |"
             f" {fmt_lr(med(onsets))} → {fmt_lr(med(chaos_lrs))} ({fmt_tau(tau_chaos)}) |"
-            f" {best_lr:.3g} → {fmt_tau(best)} | {ratio(tau_chaos)} | {ratio(tau_lrfind)} | {beats} |"
+            f" {best_lr:.3g} → {fmt_tau(best)} | {ratio(tau_chaos)} | {fmt_interval(ratio_interval(data, chaos_lrs))} |"
+            f" {ratio(tau_lrfind)} | {beats} |"
         )
         # margin evidence
         onset = med(onsets)
