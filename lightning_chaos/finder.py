@@ -499,6 +499,9 @@ class ChaosLRFinder(Callback):
                     loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
                     candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
                 candidate.step(loss, self.renormalize_every)
+                if losses is not None:
+                    candidate.release_gradients()
+            grads = None  # with the .grad views gone, the batched gradients are freed before the next step's
 
     def _stack_candidates(self, candidates: list["_Candidate"], names: list[str]) -> Optional[StackedShadows]:
         """The candidates' references and shadows as views into stacked tensors, or None (said at info level) when
@@ -666,12 +669,18 @@ class _Candidate:
             self.done = True
         return self.done
 
+    def release_gradients(self) -> None:
+        """Drop the ``.grad`` views after the optimizer steps: they would keep this step's batched gradients of every
+        candidate alive through the next step's forward and backward, doubling the gradients' peak memory."""
+        for params in self.reference.shadow_params + self.shadows.shadow_params:
+            for parameter in params:
+                parameter.grad = None
+
     @torch.no_grad()
     def detach_from_stack(self) -> None:
-        """Give a finished run's tensors their own storage and drop its gradients: as views into a stack they would
-        keep the whole stack (every other candidate's rows) alive after the others moved on to a smaller one."""
-        for optimizer in self.reference.optimizers + self.shadows.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        """Give a finished run's tensors their own storage: as views into a stack they would keep the whole stack
+        (every other candidate's rows) alive after the others moved on to a smaller one."""
+        self.release_gradients()
         for module in self.reference.shadows + self.shadows.shadows:
             for tensor in (*module.parameters(), *module.buffers()):
                 tensor.data = tensor.data.clone()

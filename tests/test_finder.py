@@ -244,6 +244,30 @@ def test_a_diverged_candidate_keeps_no_old_stack_alive(monkeypatch):
     assert held and all(storage == own for storage, own in held), held
 
 
+def test_a_stacked_step_frees_the_previous_steps_batched_gradients(monkeypatch):
+    """No batched gradient of step t is alive while step t + 1 runs its forward and backward."""
+    pytest.importorskip("sklearn")
+    import weakref
+
+    import lightning_chaos.finder as finder_module
+    from lightning_chaos.demo import MLPClassifier
+
+    previous: list[weakref.ref] = []
+    alive_at_step: list[int] = []
+    forward_backward = finder_module.StackedShadows.forward_backward
+
+    def recording(self, *args, **kwargs):
+        alive_at_step.append(sum(ref() is not None for ref in previous))
+        losses, grads = forward_backward(self, *args, **kwargs)
+        previous[:] = [weakref.ref(grad) for grad in grads if grad is not None]
+        return losses, grads
+
+    monkeypatch.setattr(finder_module.StackedShadows, "forward_backward", recording)
+    _digits_sweep(MLPClassifier, True)
+    assert len(alive_at_step) > 10 and previous
+    assert alive_at_step == [0] * len(alive_at_step)
+
+
 def test_a_training_step_vmap_cannot_run_falls_back_to_one_candidate_at_a_time(caplog):
     pytest.importorskip("sklearn")
     import logging
