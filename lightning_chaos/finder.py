@@ -182,12 +182,13 @@ class ChaosLRFinder(Callback):
     rule; then there is also none when the grid never reaches chaos or chaos appears only where learning has already
     failed. A warning says what to widen.
 
-    Under Adam, Λ(η) can carry a term of the window rather than of the dynamics. Adam's first steps are nearly
-    sign(g), so the perturbation flips small gradient components and the separation grows by e^6 or more within
-    the first pull-back period, which is left out as transient. The moment separation made then keeps turning into
-    parameter separation for a few 1/(1 − β₁) steps and adds a fixed ln-growth that the window divides: on the
-    benchmark's CNN every η that kills the network reads Λ ≈ 2.9/(``steps_per_lr`` − ``renormalize_every``), and
-    the e-fold rule can read it as chaos. A Λ that halves when ``steps_per_lr`` doubles is this term.
+    Under Adam, Λ(η) can be a burst in the first steps spread over the window rather than a sustained rate. Adam's
+    first steps are nearly sign(g), so the perturbation flips small gradient components and the separation grows by
+    e^6 or more within the first pull-back period, which is left out as transient. The moment separation made then
+    keeps turning into parameter separation for a few 1/(1 − β₁) steps and adds a fixed ln-growth that the window
+    divides: on the benchmark's CNN every η that kills the network reads Λ ≈ 2.9/(``steps_per_lr`` −
+    ``renormalize_every``). A Λ that halves when ``steps_per_lr`` doubles is such a burst; the e-fold rule, which asks
+    about growth within the window, counts it as chaos.
 
     Everything runs on clones in the finder's own loop: afterwards the model's weights, the optimizer's state, the RNG
     state and the trainer's state are what they were, apart from the learning rate it sets, which is written like
