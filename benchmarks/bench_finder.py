@@ -487,6 +487,49 @@ def anchor_table(results: dict, margins: list[float]) -> str:
     return "\n".join(lines)
 
 
+def readme_table(results: dict, margin: float) -> str:
+    """The README's table: τ (median over seeds) and the median η behind it, for the default LR, ``lr_find``, both
+    anchors at ``margin`` and the best grid η; the anchors' ratios to the best, the default's with its interval."""
+    lines = ["| task | default LR | Lightning `lr_find` | finder (default: top of the learning band) | onset anchor |"
+             " best grid η | finder / best | its 95 % interval | onset / best |", "| --- " * 9 + "|"]
+    for name, data in results["tasks"].items():
+        runs, seeds, task = data["runs"], data["seeds"], TASKS[name]
+        grid, best_lr = fastest_grid_lr(data, seeds)
+        finders = [f for f in data["finders"] if f["seed"] in seeds]
+
+        def cell(lr_by_seed: dict[int, Optional[float]]) -> tuple[str, float]:
+            taus = [runs[_key(lr, s)]["tau"] if lr is not None else NEVER for s, lr in lr_by_seed.items()]
+            known = [lr for lr in lr_by_seed.values() if lr is not None]
+            where = f" (η = {statistics.median(known):.2g})" if known else ""
+            return f"{fmt_tau(median_tau(taus))}{where}", median_tau(taus)
+
+        def anchored(anchor: str) -> Optional[dict[int, Optional[float]]]:
+            sweeps = {f["seed"]: anchored_sweep(f, anchor) for f in finders}
+            if any(sweep is None for sweep in sweeps.values()):
+                return None
+            edges = {s: sweep.get(anchor) for s, sweep in sweeps.items()}
+            return {s: None if edge is None else edge / margin for s, edge in edges.items()}
+
+        best = grid[best_lr]
+        cells = [cell({s: task.default_lr for s in seeds})[0], cell({f["seed"]: f["lrfind"]["suggestion"]
+                                                                     for f in finders})[0]]
+        ratios = []
+        for anchor in ("trainability_edge", "onset"):
+            lr_by_seed = anchored(anchor)
+            if lr_by_seed is None or any(lr is not None and _key(lr, s) not in runs for s, lr in lr_by_seed.items()):
+                cells.append("—")
+                ratios.append("—")
+                continue
+            text, tau = cell(lr_by_seed)
+            cells.append(text)
+            ratios.append("∞" if math.isinf(tau) else f"{tau / best:.2f}")
+            if anchor == "trainability_edge":
+                ratios.append(fmt_interval(ratio_interval(data, lr_by_seed)))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_tau(best)} (η = {best_lr:.2g}) | "
+                     + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
 def sweep_table(results: dict) -> str:
     """The finder's own sweep for seed 0 of each task (Λ, ρ, learning, loss ratio per η)."""
     lines = []
@@ -531,7 +574,7 @@ def main() -> None:
         with open(args.from_json) as fh:
             saved = json.load(fh)
         print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
-              sweep_table(saved), sep="\n\n")
+              readme_table(saved, 1.5), sweep_table(saved), sep="\n\n")
         return
 
     torch.set_num_threads(args.threads)
@@ -630,6 +673,9 @@ def main() -> None:
     print()
     print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
     print(anchor_table(results, args.margins))
+    print()
+    print("The README's table (margin 1.5):")
+    print(readme_table(results, 1.5))
     print()
     print("The finder's sweep, seed 0:")
     print(sweep_table(results))
