@@ -2,6 +2,7 @@
 set it just below the top of the learning band (or the onset of chaos)."""
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_chaos import logging as chaos_logging
+from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.exponents import benettin_exponent
 from lightning_chaos.functional.onset import (
     LEARNS_WELL_TOLERANCE,
@@ -199,7 +201,8 @@ class ChaosLRFinder(Callback):
         min_lr: smallest η of the grid (> 0).
         max_lr: largest η of the grid (> min_lr).
         num_lrs: points of the geometric grid (≥ 3).
-        steps_per_lr: optimizer steps per η (≥ 10). Longer windows separate neutral from chaotic better.
+        steps_per_lr: optimizer steps per η (≥ 10). Longer windows separate neutral from chaotic better. With the
+            Trainer's ``accumulate_grad_batches`` each step accumulates that many batches, as training will.
         num_inits: initialisations per η (≥ 1); the first is the model as given, the others are drawn by the
             model's own ``reset_parameters`` (of the LightningModule if it has one, else of every submodule).
         num_shadows: perturbed copies per initialisation (≥ 1).
@@ -215,7 +218,8 @@ class ChaosLRFinder(Callback):
             ordered η and the onset (0 to skip).
         attr_name: name of the learning-rate attribute; by default ``lr`` or ``learning_rate``.
         update_attr: write the suggestion into the model and the optimizer.
-        seed: seed of the perturbations, the re-initialisations and the sweep's dropout masks.
+        seed: seed of the perturbations, the re-initialisations and the sweep's random draws (dropout masks, and
+            torch, Python ``random`` or NumPy draws in ``training_step``), in [0, 2**32 − 1].
         anchor: what the suggestion steps back from by ``margin``. ``"trainability"`` (default): the top of the
             learning band, the largest η whose loss still falls within 1.25× as well as the sweep's best
             (:func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`). ``"onset"``: the onset of chaos
@@ -282,8 +286,12 @@ class ChaosLRFinder(Callback):
         if anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}, got {anchor!r}")
         check_vectorize(vectorize)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1:
-            raise ValueError(f"`margin` must be a number >= 1, got {margin!r}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 1 <= margin < math.inf:
+            raise ValueError(f"`margin` must be a finite number >= 1, got {margin!r}")
+        check_seed("seed", seed)
+        check_flag("update_attr", update_attr)
+        if not isinstance(attr_name, str):
+            raise ValueError(f"`attr_name` must be a string (empty: `lr` or `learning_rate`), got {attr_name!r}")
         self.min_lr = float(min_lr)
         self.max_lr = float(max_lr)
         self.num_lrs = num_lrs
@@ -301,6 +309,7 @@ class ChaosLRFinder(Callback):
         self.vectorize = vectorize
         self.anchor = anchor
         self._stack = False
+        self._accumulate = 1
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
 
@@ -337,12 +346,16 @@ class ChaosLRFinder(Callback):
     # -- the sweep ------------------------------------------------------------------------------------------------
 
     def _sweep(self, trainer: Trainer, pl_module: LightningModule, base_lr: float) -> ChaosLRFinderResult:
+        self._accumulate = trainer.accumulate_grad_batches
         batches = self._collect_batches(trainer, pl_module)
-        # New dropout masks at every step, the same for every η. Seeded once per sweep: torch.manual_seed also seeds
-        # every accelerator lazily and costs about a millisecond, as much as a small model's step.
+        # New dropout masks and augmentation draws at every step, the same for every η. Seeded once per sweep:
+        # torch.manual_seed also seeds every accelerator lazily and costs about a millisecond, as much as a small
+        # model's step. The caller's streams come back with isolate_rng.
         rng_states = []
         for batch_idx in range(len(batches)):
             torch.manual_seed(self.seed + batch_idx)
+            random.seed(self.seed + batch_idx)
+            np.random.seed((self.seed + batch_idx) % 2**32)
             rng_states.append(capture_rng_state(pl_module.device))
         batches = list(zip(batches, rng_states))
         inits = self._initial_states(pl_module)
@@ -427,7 +440,7 @@ class ChaosLRFinder(Callback):
                 for candidate in candidates:
                     self._train_one(pl_module, candidate, batches, trainer.precision_plugin.train_step_context)
             for lr, candidate in zip(lrs, candidates):
-                runs[lr].append(candidate.result(len(batches), self.renormalize_every))
+                runs[lr].append(candidate.result(self.steps_per_lr, self.renormalize_every))
             if progress is not None:
                 progress.update(len(lrs))
                 progress.set_postfix(lr=f"{lrs[-1]:.3g}")
@@ -455,37 +468,46 @@ class ChaosLRFinder(Callback):
 
     def _train_one(self, pl_module: LightningModule, candidate: "_Candidate", batches: list, step_context) -> None:
         """One candidate after the other: only two copies of the model in memory at a time."""
-        device = pl_module.device
+        device, accumulate = pl_module.device, self._accumulate
+        window: list[Optional[Tensor]] = []  # the losses of this optimizer step's batches
         for batch_idx, (batch, rng_state) in enumerate(batches):
-            loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
-            candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
-            if candidate.step(loss, self.renormalize_every):
-                break
+            loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
+            candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
+            window.append(loss[0])
+            if (batch_idx + 1) % accumulate == 0:
+                if candidate.step(_mean_loss(window), self.renormalize_every):
+                    break
+                window = []
 
     def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list, step_context):
-        """All candidates (references and shadows of every η) in one ``vmap`` per step; one at a time from the step
+        """All candidates (references and shadows of every η) in one ``vmap`` per batch; one at a time from the batch
         where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
         stack: the others go on in a smaller one, so its rows cost nothing more."""
-        device = pl_module.device
+        device, accumulate = pl_module.device, self._accumulate
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         width = 1 + self.num_shadows
         in_stack = list(candidates)  # the candidates whose rows are in `stacked`, in row order
         stacked = self._stack_candidates(in_stack, names)
+        active: list[_Candidate] = []
+        windows: list[list[Optional[Tensor]]] = []  # per active candidate, the losses of this optimizer step's batches
         for batch_idx, (batch, rng_state) in enumerate(batches):
-            active = [c for c in candidates if not c.done]
-            if not active:
-                break  # every candidate diverged: nothing left to learn from these steps
-            if stacked is not None and len(active) < len(in_stack):
-                for candidate in in_stack:
-                    if candidate.done:  # it must keep neither the old stack nor its batched gradients alive
-                        candidate.detach_from_stack()
-                in_stack = active
-                stacked = self._stack_candidates(in_stack, names)
+            first_of_step = batch_idx % accumulate == 0
+            if first_of_step:
+                active = [c for c in candidates if not c.done]
+                if not active:
+                    break  # every candidate diverged: nothing left to learn from these steps
+                if stacked is not None and len(active) < len(in_stack):
+                    for candidate in in_stack:
+                        if candidate.done:  # it must keep neither the old stack nor its batched gradients alive
+                            candidate.detach_from_stack()
+                    in_stack = active
+                    stacked = self._stack_candidates(in_stack, names)
+                windows = [[] for _ in active]
             losses = None
             if stacked is not None:
                 try:
                     with replayed_rng(rng_state, device):
-                        losses, grads = stacked.forward_backward(batch, batch_idx, step_context)
+                        losses, grads = stacked.forward_backward(batch, batch_idx, step_context, accumulate)
                 except NotVectorizable as error:
                     stacked = None
                     self._stack = False
@@ -493,14 +515,16 @@ class ChaosLRFinder(Callback):
             for row, candidate in enumerate(active):
                 if losses is not None:
                     offset = row * width  # `active` is the stack's row order here
-                    candidate.reference.take_gradients(grads, [offset], zero_grad=True)
-                    candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), zero_grad=True)
+                    candidate.reference.take_gradients(grads, [offset], zero_grad=first_of_step)
+                    candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), first_of_step)
                     loss = losses[offset]
                 else:
-                    loss = candidate.reference.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)[0]
-                    candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, 1, step_context)
-                candidate.step(loss, self.renormalize_every)
-                if losses is not None:
+                    reference = candidate.reference
+                    loss = reference.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)[0]
+                    candidate.shadows.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
+                windows[row].append(loss)
+                if (batch_idx + 1) % accumulate == 0:
+                    candidate.step(_mean_loss(windows[row]), self.renormalize_every)
                     candidate.release_gradients()
             grads = None  # with the .grad views gone, the batched gradients are freed before the next step's
 
@@ -552,23 +576,34 @@ class ChaosLRFinder(Callback):
     # -- data, initialisations, LR attribute ------------------------------------------------------------------------
 
     def _collect_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
-        """The first ``steps_per_lr`` training batches, on the device, cycling through the data if it is shorter.
+        """The first ``steps_per_lr`` × ``accumulate_grad_batches`` training batches, on the device, cycling through the
+        data if it is shorter.
 
         The loader comes straight from the data source (the user's ``train_dataloader``), not from the fit loop:
-        setting the fit loop's data up here would move its RNG draws inside the sweep's isolated RNG.
+        setting the fit loop's data up here would move its RNG draws inside the sweep's isolated RNG. A loader's
+        own generators (``DataLoader(generator=...)``, a sampler's) are put back afterwards, so the training that
+        follows sees the batches it would have seen without the sweep.
         """
-        loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), mode="max_size_cycle")
+        wanted = self.steps_per_lr * trainer.accumulate_grad_batches
+        dataloaders = trainer.fit_loop._data_source.dataloader()
+        loader = CombinedLoader(dataloaders, mode="max_size_cycle")
+        generators = _generators_of(loader.flattened)
+        saved = [generator.get_state() for generator in generators]
         batches: list[Any] = []
-        while len(batches) < self.steps_per_lr:
-            before = len(batches)
-            for batch in _batches_of(loader):
-                batch = trainer.precision_plugin.convert_input(batch)
-                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-                batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
-                if len(batches) == self.steps_per_lr:
-                    break
-            if len(batches) == before:
-                raise MisconfigurationException("ChaosLRFinder: the training dataloader yielded no batch.")
+        try:
+            while len(batches) < wanted:
+                before = len(batches)
+                for batch in _batches_of(loader):
+                    batch = trainer.precision_plugin.convert_input(batch)
+                    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+                    batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
+                    if len(batches) == wanted:
+                        break
+                if len(batches) == before:
+                    raise MisconfigurationException("ChaosLRFinder: the training dataloader yielded no batch.")
+        finally:
+            for generator, state in zip(generators, saved):
+                generator.set_state(state)
         return batches
 
     def _initial_states(self, pl_module: LightningModule) -> list[Optional[dict[str, Tensor]]]:
@@ -708,6 +743,27 @@ class _Candidate:
         diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
         learning = not diverged and ratio < _LEARNING_LOSS_RATIO
         return exponent, ratio, learning
+
+
+def _mean_loss(losses: list[Optional[Tensor]]) -> Optional[Tensor]:
+    """The loss of one optimizer step: the mean over its batches (None where ``training_step`` skipped one)."""
+    kept = [loss for loss in losses if loss is not None]
+    if len(kept) <= 1:
+        return kept[0] if kept else None
+    return torch.stack(kept).mean()
+
+
+def _generators_of(loaders: list[Any]) -> list[torch.Generator]:
+    """The torch generators that iterating ``loaders`` draws from besides the global one: a DataLoader's own, its
+    sampler's and its batch sampler's sampler's."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found
 
 
 def _batches_of(loader: CombinedLoader):

@@ -13,10 +13,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_chaos import logging as chaos_logging
+from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
-from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, ShadowEnsemble, capture_rng_state
+from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, RngState, ShadowEnsemble, capture_rng_state
 from lightning_chaos.vectorized import check_vectorize, worth_vectorizing
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
@@ -36,7 +37,8 @@ class ChaosProbe(Callback):
 
     At fit start the LightningModule is deep-copied into ``num_shadows`` shadows, each displaced by an independent
     perturbation δ of size ε. Whenever the real optimizer steps, every shadow takes the same step: the same batch,
-    the same dropout masks (the RNG state the real ``training_step`` saw is replayed), the param-group
+    the same dropout masks and random draws (the torch, Python ``random`` and NumPy states the real ``training_step``
+    saw are replayed, then the real streams restored), the param-group
     hyperparameters of that step (LR schedules are followed), the same gradient clipping and accumulation, inside
     the same precision context. After every optimizer step the probe measures
 
@@ -69,7 +71,7 @@ class ChaosProbe(Callback):
         perturb_biases: also perturb parameters named ``*.bias`` (the papers perturb weights only).
         norm: ``"l2"`` (default) or ``"l1"`` (the papers): the norm of d(t), over all trainable parameters.
         renormalize_every: ``None`` for free evolution, or N ≥ 1 to renormalise every N optimizer steps.
-        seed: seed of the probe's own generator for δ. The global RNG is never touched.
+        seed: seed of the probe's own generator for δ, in [0, 2**32 − 1]. The global RNG is never touched.
         monitor: a metric in ``trainer.callback_metrics`` (for example ``"val_acc"``) for time-to-target.
         target: the value of ``monitor`` to reach.
         mode: ``"max"`` (reached when ``monitor >= target``) or ``"min"`` (``monitor <= target``). The target is
@@ -153,16 +155,21 @@ class ChaosProbe(Callback):
             isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step <= start_step
         ):
             raise ValueError(f"`stop_step` must be None or an integer > start_step={start_step}, got {stop_step!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}")
+        check_seed("seed", seed)
+        for name, value in (("relative", relative), ("perturb_biases", perturb_biases), ("stop_at_target", stop_at_target)):
+            check_flag(name, value)
+        if monitor is not None and not isinstance(monitor, str):
+            raise ValueError(f"`monitor` must be None or the name of a logged metric, got {monitor!r}")
         if mode not in ("max", "min"):
             raise ValueError(f"`mode` must be 'max' or 'min', got {mode!r}")
         if target is not None and monitor is None:
             raise ValueError("`target` was given without `monitor`: name the metric to compare with the target")
         if monitor is not None and target is None:
             raise ValueError(f"`monitor={monitor!r}` needs a `target` value to reach")
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
-            raise ValueError(f"`target` must be a number, got {target!r}")
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
+        ):
+            raise ValueError(f"`target` must be a finite number, got {target!r}")
         if stop_at_target and monitor is None:
             raise ValueError("`stop_at_target=True` needs `monitor` and `target`")
 
@@ -198,7 +205,7 @@ class ChaosProbe(Callback):
         self._collapse_reported = False
         self._logs_written = 0
         self._last_logged_step: Optional[int] = None
-        self._rng_state: Optional[tuple[Tensor, Optional[Tensor]]] = None
+        self._rng_state: Optional[RngState] = None
         self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
 
     def _reset_clock(self) -> None:

@@ -5,11 +5,13 @@ what the real model saw (batch, RNG state, hyperparameters, clipping) and when t
 """
 
 import copy
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,24 +39,33 @@ class Perturbation:
     perturb_biases: bool = False
 
 
-def capture_rng_state(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
-    """Torch RNG state(s) that drive dropout on ``device``: the CPU generator and, on CUDA, the device's."""
+class RngState(NamedTuple):
+    """The random streams a ``training_step`` may draw from: dropout from torch's (the CPU generator and, on CUDA, the
+    device's), augmentation such as mixup often from Python's ``random`` or NumPy's global generator."""
+
+    torch_cpu: Tensor
+    cuda: Optional[Tensor]
+    python: Any
+    numpy: Any
+
+
+def capture_rng_state(device: torch.device) -> RngState:
+    """The state of every random stream a ``training_step`` on ``device`` may draw from."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda_state
+    return RngState(torch.get_rng_state(), cuda_state, random.getstate(), np.random.get_state())
 
 
-def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+def _set_rng_state(state: RngState, device: torch.device) -> None:
+    torch.set_rng_state(state.torch_cpu)
+    if state.cuda is not None:
+        torch.cuda.set_rng_state(state.cuda, device)
+    random.setstate(state.python)
+    np.random.set_state(state.numpy)
 
 
 @contextmanager
 def _preserved_rng(device: torch.device) -> Iterator[None]:
-    """Restore the torch RNG state(s) of ``device`` on exit: the caller's stream continues as if nothing ran.
-
-    Cheaper than ``isolate_rng`` on the hot path: dropout draws only from torch's generators.
-    """
+    """Restore the random streams of ``device`` on exit: the caller's streams continue as if nothing ran."""
     saved = capture_rng_state(device)
     try:
         yield
@@ -63,8 +74,9 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def replayed_rng(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> Iterator[None]:
-    """Run the body from the RNG ``state`` (the dropout masks a real step drew), then restore the caller's stream."""
+def replayed_rng(state: RngState, device: torch.device) -> Iterator[None]:
+    """Run the body from the RNG ``state`` (the dropout masks and augmentation draws a real step made), then restore
+    the caller's streams."""
     with _preserved_rng(device):
         _set_rng_state(state, device)
         yield
@@ -235,7 +247,7 @@ class ShadowEnsemble:
         self,
         batch: Any,
         batch_idx: int,
-        rng_state: tuple[Tensor, Optional[Tensor]],
+        rng_state: RngState,
         device: torch.device,
         accumulate_grad_batches: int,
         step_context: Callable[[], AbstractContextManager] = nullcontext,
@@ -268,7 +280,7 @@ class ShadowEnsemble:
             for k, shadow in enumerate(self.shadows):
                 loss = None
                 if alive is None or alive[k]:
-                    _set_rng_state(rng_state, device)  # the dropout masks the real training_step drew
+                    _set_rng_state(rng_state, device)  # the dropout masks and draws the real training_step made
                     with step_context():
                         loss = training_loss(shadow.training_step(batch, batch_idx))
                     if zero_grad:

@@ -123,6 +123,67 @@ def test_sweep_leaves_model_optimizer_rng_and_data_order_untouched():
     assert torch.equal(rng_after_reference, torch.get_rng_state())
 
 
+def test_sweep_leaves_a_dataloaders_own_generator_untouched():
+    """Training after the sweep sees the batches it would have seen without it, with DataLoader(generator=...) too."""
+
+    def fit(callbacks):
+        L.seed_everything(11, verbose=False)
+        model = DropoutMLP()
+        generator = torch.Generator().manual_seed(7)
+        loader = DataLoader(random_classification(), batch_size=16, shuffle=True, generator=generator)
+        quiet_trainer(max_epochs=2, callbacks=callbacks).fit(model, loader)
+        return model
+
+    reference = fit([])
+    swept = fit([ChaosLRFinder(min_lr=0.01, max_lr=5.0, num_lrs=3, steps_per_lr=10, refine=0, update_attr=False)])
+    for a, b in zip(parameters_of(reference), parameters_of(swept)):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_sweeps_like_the_larger_batch():
+    """Two batches of 16 accumulated into one step give the sweep of one batch of 32 (same samples, same order):
+    Lightning divides each loss by ``accumulate_grad_batches``, and so must the sweep."""
+    data = random_classification()
+
+    def sweep(batch_size, accumulate):
+        L.seed_everything(0, verbose=False)
+        trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=accumulate)
+        return find_chaos_lr(trainer, DropoutMLP(dropout=0.0), train_dataloaders=DataLoader(data, batch_size=batch_size),
+                             min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=12, refine=0, update_attr=False)
+
+    accumulated, large, small = sweep(16, 2), sweep(32, 1), sweep(16, 1)
+    torch.testing.assert_close(accumulated.loss_ratio, large.loss_ratio, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(accumulated.exponents, large.exponents, rtol=1e-3, atol=5e-5)
+    assert not torch.allclose(small.loss_ratio, large.loss_ratio, rtol=1e-3)  # the batch size matters here
+
+
+_DRAWS: list[tuple[int, float]] = []
+
+
+class NumpyDrawMLP(DropoutMLP):
+    def training_step(self, batch, batch_idx):
+        import numpy as np
+
+        _DRAWS.append((batch_idx, float(np.random.rand())))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_numpy_draws_in_training_step_change_every_step_and_are_the_same_for_every_candidate(
+    vectorize, classification_loader
+):
+    _DRAWS.clear()
+    L.seed_everything(0, verbose=False)
+    find_chaos_lr(quiet_trainer(max_epochs=1), NumpyDrawMLP(), train_dataloaders=classification_loader,
+                  min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0, update_attr=False, vectorize=vectorize)
+    by_step: dict[int, set[float]] = {}
+    for batch_idx, value in _DRAWS:
+        by_step.setdefault(batch_idx, set()).add(value)
+    assert sorted(by_step) == list(range(10))
+    assert all(len(values) == 1 for values in by_step.values())  # every η, reference and shadow drew the same
+    assert len({values.pop() for values in by_step.values()}) == 10  # a new draw at every step
+
+
 class RecordLR(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self.lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
@@ -355,6 +416,13 @@ def test_plot_copes_with_diverged_runs_and_a_sweep_that_learned_nothing():
         ({"epsilon": 0.0}, "epsilon"),
         ({"vectorize": 1}, "vectorize"),
         ({"anchor": "chaos"}, "anchor"),
+        ({"margin": float("inf")}, "margin"),
+        ({"seed": None}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": 2**40}, "seed"),
+        ({"update_attr": "no"}, "update_attr"),
+        ({"attr_name": 5}, "attr_name"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):

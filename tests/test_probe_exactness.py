@@ -129,3 +129,50 @@ def test_zero_epsilon_is_bit_identical_in_other_precisions(precision):
     assert next(probe._ensemble.shadows[0].parameters()).dtype == next(model.parameters()).dtype
     for a, b in zip(parameters_of(reference), parameters_of(model)):
         assert torch.equal(a, b)
+
+
+class MixupMLP(DropoutMLP):
+    """Mixup with its coefficient drawn from NumPy's or Python's global generator, as many recipes do."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+
+    def training_step(self, batch, batch_idx):
+        import random
+
+        import numpy as np
+
+        x, y = batch
+        lam = float(np.random.beta(0.4, 0.4)) if self.source == "numpy" else random.betavariate(0.4, 0.4)
+        perm = torch.randperm(x.shape[0])
+        logits = self.net(lam * x + (1 - lam) * x[perm])
+        cross_entropy = torch.nn.functional.cross_entropy
+        return lam * cross_entropy(logits, y) + (1 - lam) * cross_entropy(logits, y[perm])
+
+
+@pytest.mark.parametrize("source", ["numpy", "python"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_numpy_and_python_draws_in_training_step_are_replayed_not_consumed(source, vectorize):
+    """The shadows draw the real step's mixup coefficient, and the real run draws what it would have without them."""
+    import random
+
+    import numpy as np
+
+    def run(callbacks):
+        L.seed_everything(3, verbose=False)
+        model = MixupMLP(source)
+        quiet_trainer(max_steps=12, callbacks=callbacks).fit(model, DataLoader(random_classification(), batch_size=16))
+        return model, (np.random.rand(), random.random())
+
+    plain, plain_after = run([])
+    probe = ChaosProbe(epsilon=0.0, num_shadows=4, vectorize=vectorize)
+    probed, probed_after = run([probe])
+    for a, b in zip(parameters_of(plain), parameters_of(probed)):
+        assert torch.equal(a, b)
+    assert plain_after == probed_after
+    assert probe._ensemble.vectorized == vectorize
+    if not vectorize:  # bit identity is the sequential path's promise
+        assert (probe.distances == 0).all()
+    else:
+        assert probe.distances.max() < 1e-5

@@ -27,6 +27,14 @@ from lightning_chaos import ChaosProbe
         ({"stop_at_target": True}, "stop_at_target"),
         ({"log_every_n_steps": 0}, "log_every_n_steps"),
         ({"seed": "abc"}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"monitor": "val_acc", "target": float("nan")}, "target"),
+        ({"monitor": 5, "target": 0.9}, "monitor"),
+        ({"relative": "no"}, "relative"),
+        ({"perturb_biases": 1}, "perturb_biases"),
+        ({"monitor": "val_acc", "target": 0.9, "stop_at_target": "yes"}, "stop_at_target"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, argument):
