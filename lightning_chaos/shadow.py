@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
@@ -105,15 +106,36 @@ def _no_log(*_: Any, **__: Any) -> None:
     """Stands in for a shadow's ``self.log``: the user's metrics must only see the real model."""
 
 
-def make_shadow_module(module: LightningModule) -> LightningModule:
-    """Deep copy of ``module`` that runs its ``training_step`` without logging into the user's metrics.
+class _ShadowTrainerView:
+    """What a shadow's ``training_step`` sees as ``self.trainer``: the real trainer to read (epoch, global step,
+    strategy), its own copy of anything it sets (``self.trainer.should_stop = True`` on a shadow's NaN loss must not
+    stop the real run), and Lightning's ``DummyLogger`` for every logger (``self.logger.experiment.add_scalar`` must
+    not write a shadow's values into the user's logs)."""
 
-    The copy keeps a reference to the real trainer (``self.current_epoch``, ``self.trainer`` in a training_step stay
-    meaningful) but its ``log``/``log_dict`` do nothing; torchmetrics inside it are its own copies.
+    def __init__(self, trainer: Any) -> None:
+        object.__setattr__(self, "_real", trainer)
+        object.__setattr__(self, "loggers", [DummyLogger() for _ in trainer.loggers])
+        object.__setattr__(self, "logger", self.loggers[0] if self.loggers else None)
+
+    def __getattr__(self, name: str) -> Any:  # called only for what the view does not hold itself
+        return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # kept on the view: the real trainer is not touched
+
+
+def make_shadow_module(module: LightningModule) -> LightningModule:
+    """Deep copy of ``module`` that runs its ``training_step`` without acting on the user's run.
+
+    The copy reads the real trainer (``self.current_epoch``, ``self.trainer`` in a training_step stay meaningful)
+    through a view that keeps its writes to itself and gives it dummy loggers; its ``log``/``log_dict`` do nothing;
+    torchmetrics inside it are its own copies.
     """
     trainer = module._trainer
     shadow = copy.deepcopy(module)  # LightningModule.__getstate__ drops the trainer reference
-    shadow._trainer = trainer
+    if trainer is not None:
+        real = trainer._real if isinstance(trainer, _ShadowTrainerView) else trainer
+        shadow._trainer = _ShadowTrainerView(real)
     shadow.log = _no_log  # type: ignore[method-assign]
     shadow.log_dict = _no_log  # type: ignore[method-assign]
     return shadow

@@ -176,3 +176,58 @@ def test_numpy_and_python_draws_in_training_step_are_replayed_not_consumed(sourc
         assert (probe.distances == 0).all()
     else:
         assert probe.distances.max() < 1e-5
+
+
+class TrainerTouchingMLP(DropoutMLP):
+    """Writes to its logger directly and stops the run from its training_step, but only when it is not the module
+    that was built (a shadow is a deep copy): the real run must see neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.built_as = id(self)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if id(self) != self.built_as:
+            self.logger.log_metrics({"written_by_a_shadow": 1.0}, step=self.global_step)
+            self.logger.experiment.anything(1)
+            self.trainer.should_stop = True
+        return loss
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_shadow_cannot_write_to_the_users_logger_or_stop_the_run(vectorize):
+    from lightning.pytorch.loggers.logger import Logger
+
+    class RecordingLogger(Logger):
+        name, version = "recording", 0
+
+        def __init__(self):
+            super().__init__()
+            self.keys = set()
+            self.calls = []
+
+        @property
+        def experiment(self):
+            logger = self
+
+            class Experiment:
+                def __getattr__(self, name):
+                    return lambda *args, **kwargs: logger.calls.append(name)
+
+            return Experiment()
+
+        def log_metrics(self, metrics, step=None):
+            self.keys.update(metrics)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    logger = RecordingLogger()
+    L.seed_everything(0, verbose=False)
+    probe = ChaosProbe(num_shadows=2, vectorize=vectorize)
+    trainer = quiet_trainer(max_steps=5, logger=logger, callbacks=[probe])
+    trainer.fit(TrainerTouchingMLP(), DataLoader(random_classification(), batch_size=16))
+    assert trainer.global_step == 5 and not trainer.should_stop
+    assert "written_by_a_shadow" not in logger.keys and "anything" not in logger.calls
+    assert len(probe.distances) == 6  # the shadows ran every step
