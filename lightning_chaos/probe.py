@@ -156,8 +156,9 @@ class ChaosProbe(Callback):
         ):
             raise ValueError(f"`stop_step` must be None or an integer > start_step={start_step}, got {stop_step!r}")
         check_seed("seed", seed)
-        for name, value in (("relative", relative), ("perturb_biases", perturb_biases), ("stop_at_target", stop_at_target)):
-            check_flag(name, value)
+        check_flag("relative", relative)
+        check_flag("perturb_biases", perturb_biases)
+        check_flag("stop_at_target", stop_at_target)
         if monitor is not None and not isinstance(monitor, str):
             raise ValueError(f"`monitor` must be None or the name of a logged metric, got {monitor!r}")
         if mode not in ("max", "min"):
