@@ -23,6 +23,7 @@ from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.exponents import benettin_exponent
 from lightning_chaos.functional.onset import (
     LEARNS_WELL_TOLERANCE,
+    learns_well_threshold,
     ONSET_RULES,
     chaotic_mask,
     edge_of_chaos_suggestion,
@@ -134,11 +135,14 @@ class ChaosLRFinderResult:
             loss_ax.plot(lrs[finite & ~learning], ratio[finite & ~learning], "x", color="tab:red",
                          label="not learning")
             if (finite & learning).any():
-                threshold = LEARNS_WELL_TOLERANCE * ratio[finite & learning].min()
+                threshold = learns_well_threshold(float(ratio[finite & learning].min()))
                 loss_ax.axhline(threshold, color="tab:purple", ls=":", lw=1,
                                 label=f"{LEARNS_WELL_TOLERANCE:g} × the best ratio: learns well below")
             loss_ax.axhline(1.0, color="black", lw=0.5)
-            loss_ax.set_yscale("log")
+            if (ratio[finite] > 0).all():
+                loss_ax.set_yscale("log")
+            else:  # a loss that crossed zero: a log axis would drop those η
+                loss_ax.set_yscale("symlog", linthresh=1e-2)
             loss_ax.set_ylabel("loss ratio (end / start)")
             loss_ax.legend(loc="upper left", fontsize=7)
         for panel in panels:

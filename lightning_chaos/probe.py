@@ -217,7 +217,19 @@ class ChaosProbe(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(epsilon=self.epsilon, num_shadows=self.num_shadows, seed=self.seed)
+        # every argument that shapes the measured state: probes that differ in any of them can share a Trainer
+        return self._generate_state_key(
+            epsilon=self.epsilon,
+            num_shadows=self.num_shadows,
+            seed=self.seed,
+            distribution=self.perturbation.distribution,
+            relative=self.perturbation.relative,
+            perturb_biases=self.perturbation.perturb_biases,
+            norm=self.norm,
+            renormalize_every=self.renormalize_every,
+            start_step=self.start_step,
+            stop_step=self.stop_step,
+        )
 
     # -- public results -------------------------------------------------------------------------------------------
 

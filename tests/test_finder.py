@@ -9,9 +9,11 @@ from torch.utils.data import DataLoader
 
 from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
 from lightning_chaos import ChaosLRFinder, find_chaos_lr
+from lightning_chaos.finder import ChaosLRFinderResult
 from lightning_chaos.functional.onset import (
     chaotic_mask,
     edge_of_chaos_suggestion,
+    learns_well_threshold,
     onset_index,
     trainability_edge_suggestion,
 )
@@ -382,8 +384,6 @@ def test_plot_copes_with_diverged_runs_and_a_sweep_that_learned_nothing():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from lightning_chaos.finder import ChaosLRFinderResult
-
     lrs = torch.tensor([0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
     ratio = torch.tensor([0.9, 0.3, math.inf, math.nan], dtype=torch.float64)
     learned = torch.tensor([True, True, False, False])
@@ -501,6 +501,26 @@ def test_trainability_edge_is_the_largest_learning_rate_that_learns_well():
     assert suggestion is None and edge is None and "learned at no learning rate" in reason
     with pytest.raises(ValueError, match="`margin` and `tolerance` must be >= 1"):
         trainability_edge_suggestion(lrs, torch.ones(4), torch.ones(4) > 0, tolerance=0.8)
+
+
+def test_learns_well_threshold_is_a_factor_above_a_positive_best_and_a_distance_above_a_negative_one():
+    assert learns_well_threshold(0.2) == pytest.approx(0.25)
+    assert learns_well_threshold(-0.4) == pytest.approx(-0.3)
+    assert learns_well_threshold(0.0) == 0.0
+
+
+def test_plot_of_a_loss_that_crossed_zero_keeps_every_eta_and_its_threshold():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    lrs = torch.tensor([0.01, 0.1, 1.0], dtype=torch.float64)
+    result = ChaosLRFinderResult(
+        lrs=lrs, exponents=torch.tensor([0.001, 0.002, 0.2], dtype=torch.float64),
+        sensitive_fraction=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), learning=torch.tensor([True, True, False]),
+        suggestion=0.05, loss_ratio=torch.tensor([0.5, -0.4, 2.0], dtype=torch.float64),
+    )
+    loss_ax = next(a for a in result.plot().axes if a.get_ylabel().startswith("loss ratio"))
+    assert loss_ax.get_yscale() == "symlog"  # a log axis would drop the negative ratio
+    assert learns_well_threshold(-0.4) in [line.get_ydata()[0] for line in loss_ax.get_lines()]
 
 
 def _relu_digits_sweep(anchor):

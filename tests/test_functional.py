@@ -110,6 +110,8 @@ def test_network_mle_keeps_only_good_chaotic_fits():
     assert mean == pytest.approx(0.3)
     assert std == pytest.approx(0.1)
     assert math.isnan(network_mle(torch.tensor([-1.0]), torch.tensor([1.0]))[0])
+    # a separation that overflowed is no exponent to average
+    assert network_mle(torch.tensor([math.inf, 0.1, math.nan]), torch.tensor([0.95, 0.95, 0.95]))[2] == 1
 
 
 def test_regime_words_follow_the_e_fold_criterion():

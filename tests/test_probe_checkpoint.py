@@ -49,3 +49,19 @@ def test_state_dict_is_empty_before_fit_and_loads_back():
     assert probe.state_dict() == {}
     probe.load_state_dict({})
     assert probe._restored is None
+
+
+def test_probes_that_differ_only_in_renormalisation_share_a_trainer_and_each_resumes_its_own(tmp_path):
+    """Each probe's checkpoint state is keyed by every argument that shapes it, not only ε, K and the seed."""
+    free, renormalised = make_probe(None), make_probe(4)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[free, renormalised])
+    trainer.fit(new_model(), loader())
+    checkpoint = tmp_path / "both.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert not torch.equal(free.distances, renormalised.distances)
+
+    free_again, renormalised_again = make_probe(None), make_probe(4)
+    quiet_trainer(max_epochs=2, callbacks=[renormalised_again, free_again]).fit(new_model(), loader(),
+                                                                                ckpt_path=checkpoint)
+    assert torch.equal(free_again.distances, free.distances)
+    assert torch.equal(renormalised_again.distances, renormalised.distances)

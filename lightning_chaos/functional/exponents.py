@@ -241,7 +241,7 @@ def benettin_exponent(log_growth_sum: Tensor, steps: int) -> Tensor:
         steps: elapsed optimizer steps (> 0).
 
     Returns:
-        ``log_growth_sum / steps`` (NaN where the sum is not finite).
+        ``log_growth_sum / steps``; ±inf and NaN pass through (a separation that overflowed, a retired shadow).
 
     Raises:
         ValueError: if ``steps`` is not positive.
@@ -258,7 +258,8 @@ def network_mle(
 
     The selection of Danovski, Soriano & Lacasa (2024): keep initial conditions whose best window has R² > ``min_r2``
     and Λ > ``min_exponent`` (defaults 0.9 and 0.05 per step, theirs); λ_nMLE is the mean of the kept Λ and the
-    error bar their (population) std. The fraction kept is ρ, the share of chaotic initial conditions.
+    error bar their (population) std. The fraction kept is ρ, the share of chaotic initial conditions. A non-finite Λ
+    (a separation that overflowed, a retired shadow) is never kept.
 
     Args:
         exponents: Λ per initial condition, shape [N].
@@ -271,7 +272,7 @@ def network_mle(
     """
     exponents = torch.as_tensor(exponents, dtype=torch.float64).flatten()
     r2 = torch.as_tensor(r2, dtype=torch.float64).flatten()
-    kept = exponents[(r2 > min_r2) & (exponents > min_exponent)]
+    kept = exponents[(r2 > min_r2) & (exponents > min_exponent) & torch.isfinite(exponents)]
     if kept.numel() == 0:
         return math.nan, math.nan, 0
     return kept.mean().item(), kept.std(unbiased=False).item(), kept.numel()

@@ -169,6 +169,12 @@ def edge_of_chaos_suggestion(
 LEARNS_WELL_TOLERANCE = 1.25  # trainability_edge_suggestion's default: "learns well" = within 1.25x the best loss ratio
 
 
+def learns_well_threshold(best_ratio: float, tolerance: float = LEARNS_WELL_TOLERANCE) -> float:
+    """The largest loss ratio that still "learns well": ``tolerance`` × the best ratio for a positive best, and the
+    same distance above it, (``tolerance`` − 1)·|best|, when the loss crossed zero (best ≤ 0)."""
+    return best_ratio + (tolerance - 1) * abs(best_ratio)
+
+
 def trainability_edge_suggestion(
     lrs: Tensor,
     loss_ratio: Tensor,
@@ -227,9 +233,7 @@ def trainability_edge_suggestion(
     learning = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(loss_ratio)
     if not learning.any():
         return None, None, _NOTHING_LEARNED
-    best = loss_ratio[learning].min()
-    # "within tolerance x the best" for a positive best; the same distance above it when the loss crossed zero
-    well = learning & (loss_ratio <= best + (tolerance - 1) * best.abs())
+    well = learning & (loss_ratio <= learns_well_threshold(loss_ratio[learning].min().item(), tolerance))
     index = int(well.nonzero()[-1, 0])
     edge = lrs[index].item()
     if index == len(lrs) - 1:
