@@ -641,14 +641,17 @@ class ChaosLRFinder(Callback):
     def _apply(trainer: Trainer, pl_module: LightningModule, attr_name: str, lr: float, base_lr: float) -> None:
         lightning_setattr(pl_module, attr_name, lr)
         scale = lr / base_lr
+        # The whole schedule moves with the LR: the schedulers' anchors in the param groups (OneCycleLR's max_lr and
+        # min_lr) and on the scheduler (base_lrs, CyclicLR's max_lrs).
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * scale
-                if "initial_lr" in group:
-                    group["initial_lr"] = group["initial_lr"] * scale
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if isinstance(group.get(key), (int, float, Tensor)):
+                        group[key] = group[key] * scale
         for config in trainer.lr_scheduler_configs:
-            if hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs = [base * scale for base in config.scheduler.base_lrs]
+            for attribute in ("base_lrs", "max_lrs"):
+                if isinstance(getattr(config.scheduler, attribute, None), list):
+                    setattr(config.scheduler, attribute, [value * scale for value in getattr(config.scheduler, attribute)])
 
     @staticmethod
     def _progress(trainer: Trainer, total: int):

@@ -201,6 +201,35 @@ def test_callback_sets_the_suggestion_on_model_and_optimizer():
     assert record.lrs == [pytest.approx(suggestion)]
 
 
+class OneCycleMLP(DropoutMLP):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=12)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class RecordPeakLR(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_suggestion_becomes_the_peak_of_a_one_cycle_schedule():
+    """configure_optimizers ran before the sweep: the schedule's anchors must move with the LR, or OneCycleLR would
+    climb back to the old max_lr."""
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0)
+    record = RecordPeakLR()
+    L.seed_everything(11, verbose=False)
+    model = OneCycleMLP(dropout=0.0, lr=0.2)
+    quiet_trainer(max_steps=12, callbacks=[finder, record]).fit(
+        model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+    assert finder.result.suggestion is not None and finder.result.suggestion != pytest.approx(0.2)
+    assert max(record.lrs) == pytest.approx(finder.result.suggestion, rel=0.05)  # the cycle peaks mid-run
+    assert record.lrs[0] == pytest.approx(finder.result.suggestion / 25)  # OneCycleLR's default div_factor
+
+
 def test_find_chaos_lr_writes_the_attribute_and_leaves_the_trainer_ready():
     L.seed_everything(5, verbose=False)
     model = DropoutMLP(dropout=0.0)
