@@ -38,6 +38,7 @@ gains nothing from a second thread on these models and loses a lot when the othe
 
 import argparse
 import contextlib
+import inspect
 import io
 import itertools
 import json
@@ -62,9 +63,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tasks import HELD_OUT, TASKS, Task  # noqa: E402
 
 import lightning_chaos  # noqa: E402
-from lightning_chaos import find_chaos_lr  # noqa: E402
+from lightning_chaos import ChaosLRFinder, find_chaos_lr  # noqa: E402
 
 NEVER = math.inf
+DEFAULT_MARGIN = inspect.signature(ChaosLRFinder).parameters["margin"].default  # the README table's
 
 
 class TimeToTarget(Callback):
@@ -574,7 +576,7 @@ def main() -> None:
         with open(args.from_json) as fh:
             saved = json.load(fh)
         print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
-              readme_table(saved, 1.5), sweep_table(saved), sep="\n\n")
+              readme_table(saved, DEFAULT_MARGIN), sweep_table(saved), sep="\n\n")
         return
 
     torch.set_num_threads(args.threads)
@@ -674,8 +676,8 @@ def main() -> None:
     print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
     print(anchor_table(results, args.margins))
     print()
-    print("The README's table (margin 1.5):")
-    print(readme_table(results, 1.5))
+    print(f"The README's table (the default margin, {DEFAULT_MARGIN:g}):")
+    print(readme_table(results, DEFAULT_MARGIN))
     print()
     print("The finder's sweep, seed 0:")
     print(sweep_table(results))
