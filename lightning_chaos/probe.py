@@ -335,6 +335,11 @@ class ChaosProbe(Callback):
             self._elapsed_before_resume = restored.get("elapsed_seconds", 0.0)
         if restored is not None and restored.get("stopped"):  # resumed after stop_step: the measurements only
             self._load_measurements(restored)
+            if restored.get("disabled"):
+                rank_zero_warn(
+                    "ChaosProbe: the probe in this checkpoint had been disabled by a fault; it stays off in the resumed"
+                    " run. Its measurements up to the fault are kept."
+                )
         elif restored is not None and "shadows" in restored:
             self._attach(trainer, pl_module, restored)
         # Otherwise the shadows are cloned at the first batch at or after start_step: not here, because Lightning
@@ -429,6 +434,8 @@ class ChaosProbe(Callback):
         }
         if self._stopped:
             return {**state, "stopped": True, "running_exponents": self._final_running}
+        if self._disabled:  # the shadows froze at the fault: resuming them would measure a stale separation
+            return {**state, "stopped": True, "disabled": True, "running_exponents": self.running_exponents}
         return {**state, "measurements": self._ensemble.measurement_state(), "shadows": self._ensemble.state_dicts()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

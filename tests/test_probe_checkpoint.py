@@ -65,3 +65,34 @@ def test_probes_that_differ_only_in_renormalisation_share_a_trainer_and_each_res
                                                                                 ckpt_path=checkpoint)
     assert torch.equal(free_again.distances, free.distances)
     assert torch.equal(renormalised_again.distances, renormalised.distances)
+
+
+class ShadowFaultAtStep3(DropoutMLP):
+    """A fault in the shadows only (a shadow is not the trainer's LightningModule), once, at global step 3."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3 and self.trainer.lightning_module is not self:
+            raise RuntimeError("a transient fault in a shadow")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_probe_disabled_by_a_fault_stays_off_when_resumed(tmp_path):
+    """Its shadows froze at the fault: resuming them would measure a stale separation as if it were valid."""
+
+    def fit(max_epochs, probe, **kwargs):
+        L.seed_everything(3, verbose=False)
+        trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[probe])
+        trainer.fit(ShadowFaultAtStep3(dropout=0.0), loader(), **kwargs)
+        return trainer
+
+    with pytest.warns(UserWarning, match="The real training continues"):
+        trainer = fit(1, first := make_probe(None))
+    checkpoint = tmp_path / "faulted.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    steps_before_the_fault = first.distances.shape[0]
+
+    with pytest.warns(UserWarning, match="disabled by a fault; it stays off"):
+        fit(2, resumed := make_probe(None), ckpt_path=checkpoint)
+    assert resumed._ensemble is None
+    assert torch.equal(resumed.distances, first.distances)  # nothing measured after the fault
+    assert steps_before_the_fault < 6 + 1  # an epoch is 6 steps: the probe stopped early
