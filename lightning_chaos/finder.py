@@ -319,6 +319,11 @@ class ChaosLRFinder(Callback):
         self._early_exit = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is not None:  # Lightning restores the checkpoint's optimizer, LR included, after this hook
+            rank_zero_info(
+                "ChaosLRFinder: resuming from a checkpoint, whose optimizer state sets the learning rate; no sweep."
+            )
+            return
         self.find(trainer, pl_module)
         if self._early_exit:
             raise _TunerExitException()
@@ -333,7 +338,7 @@ class ChaosLRFinder(Callback):
             )
         attr_name = self._lr_attribute(pl_module) if self.update_attr else self.attr_name
         optimizer = trainer.optimizers[0]
-        base_lr = float(lightning_getattr(pl_module, attr_name)) if attr_name else optimizer.param_groups[0]["lr"]
+        base_lr = float(lightning_getattr(pl_module, attr_name)) if attr_name else _unscheduled_lr(optimizer.param_groups[0])
         started = time.monotonic()
         with isolate_rng():
             result = self._sweep(trainer, pl_module, base_lr)
@@ -461,7 +466,7 @@ class ChaosLRFinder(Callback):
         reference_optimizer = reference.optimizers[0]
         reference_optimizer.state.clear()  # the sweep starts every η from a fresh optimizer
         for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
-            group["lr"] = template["lr"] * lr_scale
+            group["lr"] = _unscheduled_lr(template) * lr_scale  # a fixed η: no warm-up factor
         shadows = ShadowEnsemble(
             reference.shadows[0],
             reference_optimizer,
@@ -751,6 +756,15 @@ class _Candidate:
         diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
         learning = not diverged and ratio < _LEARNING_LOSS_RATIO
         return exponent, ratio, learning
+
+
+def _unscheduled_lr(group: dict[str, Any]) -> float:
+    """A param group's LR without its scheduler's current factor: OneCycleLR's peak (``max_lr``), another scheduler's
+    ``initial_lr``, else ``lr``. Under a warm-up, ``lr`` at fit start is a fraction of the LR the user set."""
+    for key in ("max_lr", "initial_lr", "lr"):
+        if key in group:
+            return float(group[key])
+    raise KeyError("the optimizer's param group has no `lr`")
 
 
 def _mean_loss(losses: list[Optional[Tensor]]) -> Optional[Tensor]:

@@ -201,6 +201,42 @@ def test_callback_sets_the_suggestion_on_model_and_optimizer():
     assert record.lrs == [pytest.approx(suggestion)]
 
 
+def test_a_resumed_fit_keeps_the_checkpoints_learning_rate_and_does_not_sweep(tmp_path):
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0)
+    model, trainer = _fit_dropout_mlp([finder], max_epochs=1)
+    found = finder.result.suggestion
+    assert found is not None and found != pytest.approx(0.2)
+    trainer.save_checkpoint(tmp_path / "found.ckpt")
+
+    again, record = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0), RecordLR()
+    L.seed_everything(11, verbose=False)
+    quiet_trainer(max_epochs=2, callbacks=[again, record]).fit(
+        DropoutMLP(), DataLoader(random_classification(), batch_size=16, shuffle=True), ckpt_path=tmp_path / "found.ckpt")
+    assert again.result is None
+    assert record.lrs == [pytest.approx(found)]
+
+
+class WarmupMLP(DropoutMLP):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()  # DropoutMLP's SGD with momentum, no schedule
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, 0.1 + step / 10))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+def test_a_warm_up_does_not_scale_the_swept_learning_rates():
+    """At fit start a warm-up has the optimizer at 0.1 × the LR the user set; each η must still train at η."""
+
+    def sweep(model_class):
+        L.seed_everything(0, verbose=False)
+        trainer = quiet_trainer(max_epochs=1)
+        return find_chaos_lr(trainer, model_class(dropout=0.0), train_dataloaders=DataLoader(random_classification(),
+                             batch_size=16), min_lr=0.01, max_lr=10.0, num_lrs=4, steps_per_lr=10, refine=0)
+
+    warm, plain = sweep(WarmupMLP), sweep(DropoutMLP)
+    assert torch.equal(warm.loss_ratio, plain.loss_ratio) and torch.equal(warm.learning, plain.learning)
+    assert warm.suggestion == plain.suggestion
+
+
 class OneCycleMLP(DropoutMLP):
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
