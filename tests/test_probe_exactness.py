@@ -231,3 +231,11 @@ def test_a_shadow_cannot_write_to_the_users_logger_or_stop_the_run(vectorize):
     assert trainer.global_step == 5 and not trainer.should_stop
     assert "written_by_a_shadow" not in logger.keys and "anything" not in logger.calls
     assert len(probe.distances) == 6  # the shadows ran every step
+
+
+def test_auto_runs_the_shadows_one_at_a_time_in_16_bit_precision():
+    """Batched bf16 kernels round otherwise than the real model's; one at a time, ε = 0 stays exact."""
+    probe = ChaosProbe(epsilon=0.0, num_shadows=4, log_every_n_steps=1)  # K = 4 of a small model: "auto" would batch
+    fit(SETUPS["dropout+momentum"], callbacks=[probe], max_epochs=1, precision="bf16-mixed")
+    assert not probe._ensemble.vectorized
+    assert (probe.distances == 0).all()
