@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner.lr_finder import _determine_lr_attr_name
+from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, _TunerExitException
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
@@ -587,7 +589,7 @@ class ChaosLRFinder(Callback):
 
     def _collect_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
         """The first ``steps_per_lr`` × ``accumulate_grad_batches`` training batches, on the device, cycling through the
-        data if it is shorter.
+        data (or the part of it that ``limit_train_batches`` allows) if it is shorter.
 
         The loader comes straight from the data source (the user's ``train_dataloader``), not from the fit loop:
         setting the fit loop's data up here would move its RNG draws inside the sweep's isolated RNG. A loader's
@@ -601,9 +603,12 @@ class ChaosLRFinder(Callback):
         saved = [generator.get_state() for generator in generators]
         batches: list[Any] = []
         try:
+            per_pass = _parse_num_batches(RunningStage.TRAINING, _length_of(loader), trainer.limit_train_batches)
             while len(batches) < wanted:
                 before = len(batches)
-                for batch in _batches_of(loader):
+                for index, batch in enumerate(_batches_of(loader)):
+                    if index >= per_pass:  # the Trainer's limit_train_batches: cycle through the batches it allows
+                        break
                     batch = trainer.precision_plugin.convert_input(batch)
                     batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
                     batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
@@ -786,6 +791,15 @@ def _generators_of(loaders: list[Any]) -> list[torch.Generator]:
             if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
                 found.append(generator)
     return found
+
+
+def _length_of(loader: CombinedLoader) -> Union[int, float]:
+    """Batches per pass, or inf for an iterable without a length."""
+    iter(loader)  # a CombinedLoader knows its length once iterated
+    try:
+        return len(loader)
+    except (TypeError, NotImplementedError):
+        return float("inf")
 
 
 def _batches_of(loader: CombinedLoader):

@@ -159,6 +159,25 @@ def test_gradient_accumulation_sweeps_like_the_larger_batch():
     assert not torch.allclose(small.loss_ratio, large.loss_ratio, rtol=1e-3)  # the batch size matters here
 
 
+_SEEN: list[float] = []
+
+
+class RecordBatches(DropoutMLP):
+    def training_step(self, batch, batch_idx):
+        _SEEN.append(batch[0][0, 0].item())  # the batch's first feature: which batch it is
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("limit", "allowed"), [(2, 2), (0.5, 3)])
+def test_the_sweep_cycles_through_the_batches_limit_train_batches_allows(limit, allowed):
+    _SEEN.clear()
+    L.seed_everything(0, verbose=False)
+    find_chaos_lr(quiet_trainer(max_epochs=1, limit_train_batches=limit), RecordBatches(),
+                  train_dataloaders=DataLoader(random_classification(), batch_size=16),  # 6 batches
+                  min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0, update_attr=False)
+    assert len(set(_SEEN)) == allowed
+
+
 _DRAWS: list[tuple[int, float]] = []
 
 
