@@ -603,7 +603,7 @@ class ChaosLRFinder(Callback):
         saved = [generator.get_state() for generator in generators]
         batches: list[Any] = []
         try:
-            per_pass = _parse_num_batches(RunningStage.TRAINING, _length_of(loader), trainer.limit_train_batches)
+            per_pass = _batches_per_pass(loader, trainer.limit_train_batches)
             while len(batches) < wanted:
                 before = len(batches)
                 for index, batch in enumerate(_batches_of(loader)):
@@ -793,13 +793,17 @@ def _generators_of(loaders: list[Any]) -> list[torch.Generator]:
     return found
 
 
-def _length_of(loader: CombinedLoader) -> Union[int, float]:
-    """Batches per pass, or inf for an iterable without a length."""
+def _batches_per_pass(loader: CombinedLoader, limit: Union[int, float]) -> Union[int, float]:
+    """How many batches of a pass ``limit_train_batches`` allows. Only a fraction needs the loader's length, which
+    takes an iterator (and, for a shuffled loader, a draw the sweep's batches would otherwise not see)."""
+    if isinstance(limit, int) or limit == 1.0:
+        return limit if isinstance(limit, int) else math.inf
     iter(loader)  # a CombinedLoader knows its length once iterated
     try:
-        return len(loader)
+        length: Union[int, float] = len(loader)
     except (TypeError, NotImplementedError):
-        return float("inf")
+        length = math.inf
+    return _parse_num_batches(RunningStage.TRAINING, length, limit)
 
 
 def _batches_of(loader: CombinedLoader):
