@@ -211,7 +211,8 @@ class ChaosProbe(Callback):
         self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
 
     def _reset_clock(self) -> None:
-        """Time-to-target runs from fit start, whenever the shadows attach."""
+        """Time-to-target runs from the start of training (restarted in ``on_train_start``), whenever the shadows
+        attach."""
         self._time_to_target: Optional[dict[str, float]] = None
         self._start_time = time.monotonic()
         self._elapsed_before_resume = 0.0
@@ -345,6 +346,12 @@ class ChaosProbe(Callback):
             self._attach(trainer, pl_module, restored)
         # Otherwise the shadows are cloned at the first batch at or after start_step: not here, because Lightning
         # restores a checkpoint's optimizer state and global step only after on_fit_start.
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After every callback's on_fit_start (a finder's sweep, which may set the LR) and the checkpoint's restore.
+        self._start_time = time.monotonic()
+        if trainer.optimizers:
+            self._hparams["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
 
     def _attach(self, trainer: Trainer, pl_module: LightningModule, restored: Optional[dict[str, Any]]) -> None:
         """Clone the model as it is now into the shadows (or rebuild them from a checkpoint) and start measuring."""

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
-from lightning_chaos import ChaosLRFinder, find_chaos_lr
+from lightning_chaos import ChaosLRFinder, ChaosProbe, find_chaos_lr
 from lightning_chaos.finder import ChaosLRFinderResult
 from lightning_chaos.functional.onset import (
     chaotic_mask,
@@ -218,6 +218,14 @@ def test_callback_sets_the_suggestion_on_model_and_optimizer():
     assert suggestion is not None
     assert model.lr == suggestion
     assert record.lrs == [pytest.approx(suggestion)]
+
+
+def test_a_probe_listed_before_the_finder_records_the_learning_rate_the_finder_set():
+    probe = ChaosProbe(num_shadows=1)
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0)
+    _fit_dropout_mlp([probe, finder], max_epochs=1)
+    assert finder.result.suggestion is not None and finder.result.suggestion != pytest.approx(0.2)
+    assert probe._hparams["lr"] == pytest.approx(finder.result.suggestion)
 
 
 def test_a_resumed_fit_keeps_the_checkpoints_learning_rate_and_does_not_sweep(tmp_path):
@@ -560,7 +568,6 @@ def test_onset_rules_on_hand_made_sweeps():
 
 
 def test_probe_and_finder_together_the_shadows_follow_the_new_learning_rate():
-    from lightning_chaos import ChaosProbe
 
     probe = ChaosProbe(epsilon=0.0, num_shadows=1, log_every_n_steps=1)  # listed first: clones before the sweep
     finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=15, refine=0)
