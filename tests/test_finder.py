@@ -568,7 +568,6 @@ def test_onset_rules_on_hand_made_sweeps():
 
 
 def test_probe_and_finder_together_the_shadows_follow_the_new_learning_rate():
-
     probe = ChaosProbe(epsilon=0.0, num_shadows=1, log_every_n_steps=1)  # listed first: clones before the sweep
     finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=15, refine=0)
     model, trainer = _fit_dropout_mlp([probe, finder], max_epochs=1)
