@@ -663,6 +663,8 @@ class ChaosLRFinder(Callback):
             for attribute in ("base_lrs", "max_lrs"):
                 if isinstance(getattr(config.scheduler, attribute, None), list):
                     setattr(config.scheduler, attribute, [value * scale for value in getattr(config.scheduler, attribute)])
+            if isinstance(getattr(config.scheduler, "_last_lr", None), list):  # what get_last_lr() reports until a step
+                config.scheduler._last_lr = [group["lr"] for group in config.scheduler.optimizer.param_groups]
 
     @staticmethod
     def _progress(trainer: Trainer, total: int):

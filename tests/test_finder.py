@@ -250,6 +250,22 @@ class WarmupMLP(DropoutMLP):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
+class PlateauMLP(DropoutMLP):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss"}}
+
+
+def test_schedulers_report_the_learning_rate_the_finder_set():
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(max_epochs=1)
+    result = find_chaos_lr(trainer, PlateauMLP(), train_dataloaders=DataLoader(random_classification(), batch_size=16),
+                           min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0)
+    assert result.suggestion is not None
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [pytest.approx(result.suggestion)]
+
+
 def test_a_warm_up_does_not_scale_the_swept_learning_rates():
     """At fit start a warm-up has the optimizer at 0.1 × the LR the user set; each η must still train at η."""
 
