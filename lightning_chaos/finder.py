@@ -603,7 +603,8 @@ class ChaosLRFinder(Callback):
         saved = [generator.get_state() for generator in generators]
         batches: list[Any] = []
         try:
-            per_pass = _batches_per_pass(loader, trainer.limit_train_batches)
+            # limit_train_batches=0 skips the training, not the sweep the user asked for: then the whole loader
+            per_pass = _batches_per_pass(loader, trainer.limit_train_batches) or math.inf
             while len(batches) < wanted:
                 before = len(batches)
                 for index, batch in enumerate(_batches_of(loader)):
@@ -660,11 +661,13 @@ class ChaosLRFinder(Callback):
                     if isinstance(group.get(key), (int, float, Tensor)):
                         group[key] = group[key] * scale
         for config in trainer.lr_scheduler_configs:
-            for attribute in ("base_lrs", "max_lrs"):
-                if isinstance(getattr(config.scheduler, attribute, None), list):
-                    setattr(config.scheduler, attribute, [value * scale for value in getattr(config.scheduler, attribute)])
-            if isinstance(getattr(config.scheduler, "_last_lr", None), list):  # what get_last_lr() reports until a step
-                config.scheduler._last_lr = [group["lr"] for group in config.scheduler.optimizer.param_groups]
+            # SequentialLR and ChainedScheduler keep their own schedulers, each with its anchors
+            for scheduler in (config.scheduler, *getattr(config.scheduler, "_schedulers", ())):
+                for attribute in ("base_lrs", "max_lrs"):
+                    if isinstance(getattr(scheduler, attribute, None), list):
+                        setattr(scheduler, attribute, [value * scale for value in getattr(scheduler, attribute)])
+                if isinstance(getattr(scheduler, "_last_lr", None), list):  # what get_last_lr() reports until a step
+                    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     @staticmethod
     def _progress(trainer: Trainer, total: int):

@@ -117,8 +117,14 @@ class _ShadowTrainerView:
         object.__setattr__(self, "loggers", [DummyLogger() for _ in trainer.loggers])
         object.__setattr__(self, "logger", self.loggers[0] if self.loggers else None)
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(self.trainer, Trainer) holds in a shadow's training_step too
+        return type(self.__dict__["_real"])
+
     def __getattr__(self, name: str) -> Any:  # called only for what the view does not hold itself
-        return getattr(self._real, name)
+        if name.startswith("__") or "_real" not in self.__dict__:  # copy and pickle probe a bare instance
+            raise AttributeError(name)
+        return getattr(self.__dict__["_real"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # kept on the view: the real trainer is not touched

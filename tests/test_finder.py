@@ -266,6 +266,35 @@ def test_schedulers_report_the_learning_rate_the_finder_set():
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [pytest.approx(result.suggestion)]
 
 
+class WarmupThenCosineMLP(DropoutMLP):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+        schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[2])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_sequential_schedule_continues_from_the_learning_rate_the_finder_set():
+    finder, record = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0), RecordPeakLR()
+    L.seed_everything(11, verbose=False)
+    quiet_trainer(max_steps=6, callbacks=[finder, record]).fit(
+        WarmupThenCosineMLP(dropout=0.0), DataLoader(random_classification(), batch_size=16))
+    suggestion = finder.result.suggestion
+    assert suggestion is not None and suggestion != pytest.approx(0.2)
+    # warm-up from half the LR, then the cosine from the full LR: every step at or below the suggestion, near it
+    assert record.lrs[0] == pytest.approx(0.5 * suggestion)
+    assert max(record.lrs) <= suggestion * (1 + 1e-9) and record.lrs[2] == pytest.approx(suggestion, rel=0.05)
+
+
+def test_limit_train_batches_zero_skips_the_training_but_not_the_sweep():
+    finder = ChaosLRFinder(min_lr=0.01, max_lr=100.0, num_lrs=5, steps_per_lr=10, refine=0)
+    L.seed_everything(11, verbose=False)
+    quiet_trainer(max_epochs=1, limit_train_batches=0, callbacks=[finder]).fit(
+        DropoutMLP(), DataLoader(random_classification(), batch_size=16))
+    assert finder.result is not None and len(finder.result.lrs) == 5
+
+
 def test_a_warm_up_does_not_scale_the_swept_learning_rates():
     """At fit start a warm-up has the optimizer at 0.1 × the LR the user set; each η must still train at η."""
 

@@ -189,6 +189,7 @@ class TrainerTouchingMLP(DropoutMLP):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         if id(self) != self.built_as:
+            assert isinstance(self.trainer, L.Trainer)  # user code may check it
             self.logger.log_metrics({"written_by_a_shadow": 1.0}, step=self.global_step)
             self.logger.experiment.anything(1)
             self.trainer.should_stop = True
