@@ -38,6 +38,7 @@ gains nothing from a second thread on these models and loses a lot when the othe
 
 import argparse
 import contextlib
+import gzip
 import inspect
 import io
 import itertools
@@ -548,6 +549,31 @@ def sweep_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def load_run(path: str) -> dict:
+    """A saved ``--json`` file, gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        return json.load(fh)
+
+
+def merge_runs(saved: list[dict]) -> dict:
+    """Several saved runs as one: per task, the seeds, finder runs and τ runs pooled (the grids must agree; a seed
+    measured twice is an error, not silently overwritten)."""
+    merged: dict[str, Any] = {"meta": [run["meta"] for run in saved], "tasks": {}}
+    for run in saved:
+        for name, data in run["tasks"].items():
+            into = merged["tasks"].setdefault(name, {"seeds": [], "grid": data["grid"], "finders": [], "runs": {}})
+            if into["grid"] != data["grid"]:
+                raise ValueError(f"{name}: the saved runs' oracle grids differ; they cannot be pooled")
+            twice = set(into["seeds"]) & set(data["seeds"])
+            if twice:
+                raise ValueError(f"{name}: seeds {sorted(twice)} are in more than one saved run")
+            into["seeds"] += data["seeds"]
+            into["finders"] += data["finders"]
+            into["runs"].update(data["runs"])
+    return merged
+
+
 def _key(lr: float, seed: int) -> str:
     return f"{lr:.6e}|{seed}"
 
@@ -556,6 +582,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t not in HELD_OUT], choices=list(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed + seeds - 1")
     parser.add_argument("--grid-min", type=float, default=1e-3)
     parser.add_argument("--grid-max", type=float, default=10.0)
     parser.add_argument("--per-decade", type=int, default=4)
@@ -564,7 +591,8 @@ def main() -> None:
     parser.add_argument("--secondary", type=float, default=0.05, help="also report τ for target − this (0: off)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="", help="write every run here")
-    parser.add_argument("--from-json", default="", help="only print the tables of a saved --json file")
+    parser.add_argument("--from-json", nargs="+", default=[],
+                        help="only print the tables of saved --json files (several: their seeds are pooled per task)")
     parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
     parser.add_argument("--anchor", default="trainability", choices=["onset", "trainability"],
@@ -573,8 +601,7 @@ def main() -> None:
     global ACCELERATOR, ANCHOR
     ACCELERATOR, ANCHOR = args.accelerator, args.anchor
     if args.from_json:
-        with open(args.from_json) as fh:
-            saved = json.load(fh)
+        saved = merge_runs([load_run(path) for path in args.from_json])
         print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
               readme_table(saved, DEFAULT_MARGIN), sweep_table(saved), sep="\n\n")
         return
@@ -592,7 +619,7 @@ def main() -> None:
     num = int(round(decades * args.per_decade)) + 1
     exponents = torch.linspace(math.log10(args.grid_min), math.log10(args.grid_max), num, dtype=torch.float64)
     grid = [float(10.0**v) for v in exponents]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results: dict[str, Any] = {
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -614,7 +641,8 @@ def main() -> None:
             results["tasks"][name] = data
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 for rep in range(max(args.timing_reps, len(seeds))):
-                    data["finders"].append(run_finders(task, rep, root, both_anchors=rep < len(seeds)))
+                    seed = args.first_seed + rep
+                    data["finders"].append(run_finders(task, seed, root, both_anchors=seed in seeds))
             for f in data["finders"]:
                 print(
                     f"[{name}] seed {f['seed']}: chaos onset {fmt_lr(f['chaos']['onset'])} suggestion"
@@ -638,7 +666,7 @@ def main() -> None:
                         reached = True
                     elif reached and not run["diverged"] and floor == 0.0:
                         floor = lr
-                f = data["finders"][seed]
+                f = data["finders"][seed - args.first_seed]
                 wanted = [f["chaos"]["suggestion"], f["lrfind"]["suggestion"], task.default_lr]
                 for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
                     sweep = anchored_sweep(f, anchor)
