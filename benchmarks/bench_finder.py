@@ -191,9 +191,9 @@ def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True) -> 
     return out
 
 
-def run_timing(task: Task, rep: int, root: str) -> dict:
-    """Wall time of find_chaos_lr stacked (one vmap per step) and one candidate at a time, and of lr_find, on fresh
-    copies of the same model, in an order that rotates with ``rep``."""
+def run_timing(task: Task, rep: int, root: str, sequential: bool = True) -> dict:
+    """Wall time of find_chaos_lr stacked (one vmap per step) and one candidate at a time (with ``sequential``), and
+    of lr_find, on fresh copies of the same model, in an order that rotates with ``rep``."""
     out: dict[str, Any] = {"rep": rep}
 
     def chaos(vectorize: bool) -> None:
@@ -215,8 +215,8 @@ def run_timing(task: Task, rep: int, root: str) -> dict:
         Tuner(trainer).lr_find(model, datamodule=dm)
         out["lrfind_seconds"] = time.perf_counter() - started
 
-    calls = [lambda: chaos(True), lambda: chaos(False), lr_find]
-    for call in calls[rep % 3 :] + calls[: rep % 3]:
+    calls = [lambda: chaos(True), lambda: chaos(False), lr_find] if sequential else [lambda: chaos(True), lr_find]
+    for call in calls[rep % len(calls) :] + calls[: rep % len(calls)]:
         call()
     return out
 
@@ -227,22 +227,19 @@ def timing_only(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as root:
         for name in args.tasks:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                run_timing(TASKS[name], 99, root)  # warm-up: imports, kernels, data caches
-                reps = [run_timing(TASKS[name], rep, root) for rep in range(args.timing_reps)]
+                run_timing(TASKS[name], 99, root, args.sequential)  # warm-up: imports, kernels, data caches
+                reps = [run_timing(TASKS[name], rep, root, args.sequential) for rep in range(args.timing_reps)]
             report["tasks"][name] = reps
-            med = {k: statistics.median(r[f"{k}_seconds"] for r in reps) for k in ("stacked", "sequential", "lrfind")}
-            ratios = {
-                k: statistics.median(r[f"{k}_seconds"] / r["lrfind_seconds"] for r in reps)
-                for k in ("stacked", "sequential")
-            }
-            speedup = statistics.median(r["sequential_seconds"] / r["stacked_seconds"] for r in reps)
-            same = all(r["stacked_suggestion"] == r["sequential_suggestion"] for r in reps)
-            print(
-                f"[{name}] stacked {med['stacked']:.2f} s ({ratios['stacked']:.1f}x lr_find) | sequential"
-                f" {med['sequential']:.2f} s ({ratios['sequential']:.1f}x) | lr_find {med['lrfind']:.2f} s |"
-                f" sequential/stacked {speedup:.2f} | same suggestion: {same}",
-                flush=True,
-            )
+            med = {k: statistics.median(r[f"{k}_seconds"] for r in reps) for k in ("stacked", "lrfind")}
+            ratio = statistics.median(r["stacked_seconds"] / r["lrfind_seconds"] for r in reps)
+            line = f"[{name}] stacked {med['stacked']:.2f} s ({ratio:.1f}x lr_find) | lr_find {med['lrfind']:.2f} s"
+            if args.sequential:
+                sequential = statistics.median(r["sequential_seconds"] for r in reps)
+                speedup = statistics.median(r["sequential_seconds"] / r["stacked_seconds"] for r in reps)
+                same = all(r["stacked_suggestion"] == r["sequential_suggestion"] for r in reps)
+                line += (f" | sequential {sequential:.2f} s ({sequential / med['lrfind']:.1f}x) |"
+                         f" sequential/stacked {speedup:.2f} | same suggestion: {same}")
+            print(line, flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, default=str)
@@ -594,6 +591,8 @@ def main() -> None:
     parser.add_argument("--from-json", nargs="+", default=[],
                         help="only print the tables of saved --json files (several: their seeds are pooled per task)")
     parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
+    parser.add_argument("--no-sequential", dest="sequential", action="store_false",
+                        help="with --timing-only: time the stacked finder and lr_find only")
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
     parser.add_argument("--anchor", default="trainability", choices=["onset", "trainability"],
                         help="the anchor of the timed finder run (the other anchor's sweep runs untimed beside it)")

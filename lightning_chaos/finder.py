@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, _T
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_chaos import logging as chaos_logging
@@ -34,6 +35,7 @@ from lightning_chaos.functional.onset import (
 from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
 from lightning_chaos.vectorized import (
     NotVectorizable,
+    StackedOptimizer,
     StackedShadows,
     check_vectorize,
     vectorization_blocker,
@@ -490,28 +492,34 @@ class ChaosLRFinder(Callback):
                 window = []
 
     def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list, step_context):
-        """All candidates (references and shadows of every η) in one ``vmap`` per batch; one at a time from the batch
-        where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
+        """All candidates (references and shadows of every η) in one ``vmap`` per batch and, where the optimizer
+        allows, one optimizer step (:class:`~lightning_chaos.vectorized.StackedOptimizer`); one at a time from the
+        batch where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
         stack: the others go on in a smaller one, so its rows cost nothing more."""
         device, accumulate = pl_module.device, self._accumulate
         names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
         width = 1 + self.num_shadows
         in_stack = list(candidates)  # the candidates whose rows are in `stacked`, in row order
         stacked = self._stack_candidates(in_stack, names)
+        stepper = self._stacked_optimizer(stacked, in_stack)
         active: list[_Candidate] = []
         windows: list[list[Optional[Tensor]]] = []  # per active candidate, the losses of this optimizer step's batches
         for batch_idx, (batch, rng_state) in enumerate(batches):
             first_of_step = batch_idx % accumulate == 0
+            last_of_step = (batch_idx + 1) % accumulate == 0
             if first_of_step:
                 active = [c for c in candidates if not c.done]
                 if not active:
                     break  # every candidate diverged: nothing left to learn from these steps
                 if stacked is not None and len(active) < len(in_stack):
+                    if stepper is not None:
+                        stepper.unstack()
                     for candidate in in_stack:
                         if candidate.done:  # it must keep neither the old stack nor its batched gradients alive
                             candidate.detach_from_stack()
                     in_stack = active
                     stacked = self._stack_candidates(in_stack, names)
+                    stepper = self._stacked_optimizer(stacked, in_stack)
                 windows = [[] for _ in active]
             losses = None
             if stacked is not None:
@@ -521,27 +529,51 @@ class ChaosLRFinder(Callback):
                 except NotVectorizable as error:
                     stacked = None
                     self._stack = False
+                    if stepper is not None:
+                        stepper.unstack()
+                        stepper = None
                     rank_zero_info(f"ChaosLRFinder: training the candidates one at a time from now on: {error}.")
+            if losses is not None and stepper is not None:
+                stepper.accumulate_gradients(grads, zero_grad=first_of_step)
+                if last_of_step:
+                    stepper.step()
             for row, candidate in enumerate(active):
                 if losses is not None:
                     offset = row * width  # `active` is the stack's row order here
-                    candidate.reference.take_gradients(grads, [offset], zero_grad=first_of_step)
-                    candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), first_of_step)
+                    if stepper is None:
+                        candidate.reference.take_gradients(grads, [offset], zero_grad=first_of_step)
+                        candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), first_of_step)
                     loss = losses[offset]
                 else:
                     loss = candidate.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
                 windows[row].append(loss)
-                if (batch_idx + 1) % accumulate == 0:
-                    candidate.step(_mean_loss(windows[row]), self.renormalize_every)
+                if last_of_step:
+                    loss = _mean_loss(windows[row])
+                    candidate.step(loss, self.renormalize_every, optimizers_stepped=stepper is not None)
                     candidate.release_gradients()
+            if last_of_step and stepper is not None:
+                stepper.release_gradients()
             grads = None  # with the .grad views gone, the batched gradients are freed before the next step's
+
+    def _stacked_optimizer(
+        self, stacked: Optional[StackedShadows], candidates: list["_Candidate"]
+    ) -> Optional[StackedOptimizer]:
+        """One optimizer step for the whole stack, or None: without a stack, with gradient clipping or a GradScaler
+        (both per candidate), or for an optimizer whose step is not linear in the learning rate (said at info level)."""
+        if stacked is None or any(c.clips or c.scales_loss for c in candidates):
+            return None
+        try:
+            return StackedOptimizer(stacked, [o for c in candidates for o in c.optimizers])
+        except NotVectorizable as error:
+            rank_zero_info(f"ChaosLRFinder: stepping the candidates' optimizers one at a time: {error}.")
+            return None
 
     def _stack_candidates(self, candidates: list["_Candidate"], names: list[str]) -> Optional[StackedShadows]:
         """The candidates' references and shadows as views into stacked tensors, or None (said at info level) when
         the module cannot be stacked: an odd module must not stop the sweep."""
         members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
         try:
-            return StackedShadows(members, names, full_precision_convolutions=True)
+            return StackedShadows(members, names, stacks_the_reference=True)
         except Exception as error:
             self._stack = False
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
@@ -717,10 +749,25 @@ class _Candidate:
         self.shadows.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
         return loss
 
-    def step(self, loss: Optional[Tensor], renormalize_every: int) -> bool:
-        """The optimizer steps after a backward, the pull-back every period; True once the run diverged."""
-        self.reference.optimizer_step(self.hyperparameters, self.reference_clip)
-        self.shadows.optimizer_step(self.hyperparameters, self.shadow_clip)
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        """The reference's and the shadows' optimizers, in the stack's row order."""
+        return [*self.reference.optimizers, *self.shadows.optimizers]
+
+    @property
+    def clips(self) -> bool:
+        return self.reference_clip is not None
+
+    @property
+    def scales_loss(self) -> bool:
+        return any(scaler is not None for scaler in self.reference.scalers + self.shadows.scalers)
+
+    def step(self, loss: Optional[Tensor], renormalize_every: int, optimizers_stepped: bool = False) -> bool:
+        """The optimizer steps after a backward (unless a stacked optimizer made them), the pull-back every period;
+        True once the run diverged."""
+        if not optimizers_stepped:
+            self.reference.optimizer_step(self.hyperparameters, self.reference_clip)
+            self.shadows.optimizer_step(self.hyperparameters, self.shadow_clip)
         self.steps += 1
         if self.steps % renormalize_every == 0:  # distances are needed only at pull-backs and at the end
             self.shadows.pull_back(self.shadows.distances())

@@ -69,17 +69,17 @@ def vectorization_blocker(module: nn.Module, device: torch.device, stacks_the_re
     """Why the shadows of ``module`` cannot share one ``vmap``, found before any step; None if nothing is known to.
 
     ``stacks_the_reference``: the trajectories compared are all in the stack (the finder), so they can share a
-    numerical precision the real model does not use.
+    numerical precision and dropout masks the real model does not use.
 
     Most obstacles (``.item()``, data-dependent branches, a functional dropout on CUDA) only show when the step runs:
     the first vectorised step that raises turns vectorisation off (see :class:`StackedShadows`).
     """
+    compared_outside_on_cuda = device.type == "cuda" and not stacks_the_reference
     for name, submodule in module.named_modules():
-        if device.type == "cuda" and isinstance(submodule, _DROPOUT_MODULES) and submodule.p > 0:
+        if compared_outside_on_cuda and isinstance(submodule, _DROPOUT_MODULES) and submodule.p > 0:
             return f"{name} is a dropout on CUDA, where a batched dropout cannot replay the real model's fused masks"
         if (
-            device.type == "cuda"
-            and not stacks_the_reference
+            compared_outside_on_cuda
             and isinstance(submodule, nn.modules.conv._ConvNd)
             and torch.backends.cudnn.allow_tf32
         ):
@@ -99,7 +99,12 @@ def vectorization_blocker(module: nn.Module, device: torch.device, stacks_the_re
 
 class _DropoutOnCudaGuard(TorchFunctionMode):
     """Raises :class:`NotVectorizable` at a dropout that would draw other masks than the real model's: any random
-    dropout on CUDA, and an attention with ``dropout_p > 0`` anywhere (its fused kernels draw their own way)."""
+    dropout on CUDA (unless ``allow_cuda`` says no real model outside the stack is compared), and an attention with
+    ``dropout_p > 0`` anywhere (its fused kernels draw their own way)."""
+
+    def __init__(self, allow_cuda: bool = False) -> None:
+        super().__init__()
+        self.allow_cuda = allow_cuda
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
@@ -112,7 +117,7 @@ class _DropoutOnCudaGuard(TorchFunctionMode):
             tensor = args[0] if args else None
             on_cuda = isinstance(tensor, Tensor) and tensor.is_cuda
             attention = func is nn.functional.scaled_dot_product_attention
-            if p and training is not False and (on_cuda or attention):
+            if p and training is not False and ((on_cuda and not self.allow_cuda) or attention):
                 raise NotVectorizable(f"{func.__name__} with {name}={p} cannot replay the real model's random mask")
         return func(*args, **kwargs)
 
@@ -183,17 +188,19 @@ class StackedShadows:
     Args:
         shadows: K copies of the same LightningModule (same architecture, same parameter names).
         parameter_names: names of the trainable parameters, in the order the caller uses.
-        full_precision_convolutions: run the batched convolutions with TF32 off (see
-            :func:`_convolutions_without_tf32`). Right when every trajectory compared is in the stack (the finder);
-            the probe compares with a real model outside it, so there :func:`vectorization_blocker` refuses
-            convolutions that the real model may run in TF32 instead.
+        stacks_the_reference: every trajectory compared is in the stack (the finder), none outside it (the probe's
+            real model). Then the batched convolutions run with TF32 off (see :func:`_convolutions_without_tf32`),
+            and a dropout on CUDA is batched: every row draws the one mask of ``randomness="same"``, which is not
+            the mask the fused kernel of an unbatched step would draw, so the stack agrees with the one-at-a-time
+            path in distribution there, not mask for mask. The probe instead leaves both to
+            :func:`vectorization_blocker`, which refuses them.
     """
 
     def __init__(
-        self, shadows: Sequence[nn.Module], parameter_names: list[str], full_precision_convolutions: bool = False
+        self, shadows: Sequence[nn.Module], parameter_names: list[str], stacks_the_reference: bool = False
     ) -> None:
         self.shadows = list(shadows)
-        self.full_precision_convolutions = full_precision_convolutions
+        self.stacks_the_reference = stacks_the_reference
         self.parameter_names = list(parameter_names)
         buffer_names = [name for name, buffer in shadows[0].named_buffers() if buffer is not None]
         parameter_rows = _stack_into_views([[m.get_parameter(n) for n in parameter_names] for m in self.shadows])
@@ -240,8 +247,8 @@ class StackedShadows:
                 raise NotVectorizable("training_step returned no loss for this batch")
             return loss
 
-        guard = _DropoutOnCudaGuard() if not self._checked else nullcontext()
-        full_precision = _convolutions_without_tf32 if self.full_precision_convolutions else nullcontext
+        guard = _DropoutOnCudaGuard(allow_cuda=self.stacks_the_reference) if not self._checked else nullcontext()
+        full_precision = _convolutions_without_tf32 if self.stacks_the_reference else nullcontext
         try:
             with step_context(), guard, full_precision():
                 losses = vmap(shadow_loss, randomness="same")(leaves, buffers)
@@ -260,3 +267,177 @@ class StackedShadows:
             self._call.passed = {}  # no batched tensors outlive the call
         self._checked = True
         return losses.detach(), list(grads)
+
+
+# Optimizers whose step is θ ← θ − η·u, with u and the state updates independent of η (weight decay included: L2 enters
+# u, decoupled decay is θ ← θ(1 − η·λ), also linear in η). For these one step at η = 1 gives u for every row at once.
+_LR_LINEAR_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+    torch.optim.Adagrad,
+)
+
+
+def lr_linear_blocker(optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Why rows stepped by copies of ``optimizer`` at different learning rates cannot share one step; None if they can.
+
+    Only the exact classes of torch's optimizers whose update is linear in the learning rate qualify: a subclass or
+    another optimizer may use the learning rate in its state (ASGD, Rprop, Adagrad with ``lr_decay``, LBFGS)."""
+    if type(optimizer) not in _LR_LINEAR_OPTIMIZERS:
+        return f"{type(optimizer).__name__} is not one of torch's optimizers known to be linear in the learning rate"
+    for group in optimizer.param_groups:
+        if group.get("lr_decay", 0):
+            return "Adagrad's lr_decay makes its update non-linear in the learning rate"
+        if group.get("differentiable", False):
+            return "a differentiable optimizer"
+        if isinstance(group.get("lr"), Tensor):
+            return "a tensor learning rate"
+    return None
+
+
+class StackedOptimizer:
+    r"""One optimizer step for all rows of a :class:`StackedShadows` whose optimizers differ only in learning rate.
+
+    Each row k has its own optimizer (same class, same param groups and hyperparameters but ``lr``). Instead of K
+    steps, one optimizer of that class over the stacked ``[K, ...]`` tensors steps at η = 1, and each row is then moved
+    to its own η: θ_k ← θ_k + η_k·(θ_k' − θ_k), exact for optimizers linear in η (:func:`lr_linear_blocker`). Per-row
+    optimizer state (momenta, moments) lives in the stacked optimizer, and each row's optimizer sees views of its
+    rows, so code that reads or scales a row's state in place (the Benettin pull-back) keeps working.
+    :meth:`unstack` gives the rows' optimizers their own copies again, before they step on their own.
+
+    Rounding differs from K separate steps: the update is formed at η = 1 and scaled, about one ulp of θ per step.
+    """
+
+    def __init__(self, stacked: StackedShadows, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if len(optimizers) != len(stacked.shadows):
+            raise ValueError(f"one optimizer per row expected, got {len(optimizers)} for {len(stacked.shadows)} rows")
+        blocker = lr_linear_blocker(optimizers[0])
+        if blocker is not None:
+            raise NotVectorizable(blocker)
+        first = optimizers[0]
+        self.optimizers = list(optimizers)
+        self.rows = len(optimizers)
+        index_of = {name: i for i, name in enumerate(stacked.parameter_names)}
+        self._groups: list[list[int]] = []  # per param group, its parameters' positions in stacked.parameter_names
+        for group in first.param_groups:
+            names = {id(p): n for n, p in stacked.shadows[0].named_parameters()}
+            self._groups.append([index_of[names[id(p)]] for p in group["params"]])
+        for optimizer, module in zip(self.optimizers, stacked.shadows):
+            if type(optimizer) is not type(first) or len(optimizer.param_groups) != len(first.param_groups):
+                raise NotVectorizable("the rows' optimizers differ in class or param groups")
+            names = {id(p): n for n, p in module.named_parameters()}
+            for group, template, positions in zip(optimizer.param_groups, first.param_groups, self._groups):
+                if [index_of.get(names.get(id(p)), -1) for p in group["params"]] != positions:
+                    raise NotVectorizable("the rows' optimizers hold their parameters in another order")
+                if not _same_hyperparameters(group, template):
+                    raise NotVectorizable("the rows' optimizers differ in a hyperparameter besides the learning rate")
+        self.stacked_params = list(stacked.parameters.values())
+        self._row_params = [[module.get_parameter(n) for n in stacked.parameter_names] for module in stacked.shadows]
+        self.optimizer = type(first)(
+            [{**_without_lr(group), "params": [self.stacked_params[i] for i in positions], "lr": 1.0}
+             for group, positions in zip(first.param_groups, self._groups)]
+        )
+        # η per row and param group, shaped to broadcast over each stacked parameter
+        self._weights = []
+        for g, positions in enumerate(self._groups):
+            lrs = torch.tensor([float(o.param_groups[g]["lr"]) for o in self.optimizers], dtype=torch.float64)
+            for i in positions:
+                rows = self.stacked_params[i]
+                self._weights.append((i, lrs.to(rows).reshape(-1, *[1] * (rows.dim() - 1))))
+        self._linked = 0  # how many stacked parameters have state, as last linked to the rows
+        self._load_row_states()
+
+    def _load_row_states(self) -> None:
+        """Stack the rows' existing optimizer state (after a restack), then make the rows' state views of it."""
+        for i, stacked_param in enumerate(self.stacked_params):
+            row_states = [o.state.get(params[i]) for o, params in zip(self.optimizers, self._row_params)]
+            if not all(row_states):
+                continue
+            merged = {}
+            for key, value in row_states[0].items():
+                if isinstance(value, Tensor) and value.shape == self._row_params[0][i].shape and value.dim() > 0:
+                    merged[key] = torch.stack([state[key] for state in row_states])
+                else:
+                    merged[key] = value.clone() if isinstance(value, Tensor) else value
+            self.optimizer.state[stacked_param] = merged
+        self._link_row_states()
+
+    def _link_row_states(self) -> None:
+        self._linked = len(self.optimizer.state)
+        for i, stacked_param in enumerate(self.stacked_params):
+            state = self.optimizer.state.get(stacked_param)
+            if not state:
+                continue
+            for row, (optimizer, params) in enumerate(zip(self.optimizers, self._row_params)):
+                optimizer.state[params[i]] = {
+                    key: value[row] if isinstance(value, Tensor) and value.shape == stacked_param.shape else value
+                    for key, value in state.items()
+                }
+
+    def accumulate_gradients(self, grads: Sequence[Optional[Tensor]], zero_grad: bool) -> None:
+        """The batched gradients ``[K, ...]`` (None where unused) as the stacked parameters' ``.grad``: set at the start
+        of an accumulation window, added to otherwise."""
+        for parameter, grad in zip(self.stacked_params, grads):
+            if zero_grad:
+                parameter.grad = None
+            if grad is None:
+                continue
+            if parameter.grad is None:
+                parameter.grad = grad
+            else:
+                parameter.grad = parameter.grad + grad
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Every row's optimizer step, at its own learning rate."""
+        before = [p.clone() for p in self.stacked_params]
+        self.optimizer.step()
+        for i, weight in self._weights:
+            parameter = self.stacked_params[i]
+            if parameter.grad is not None:
+                parameter.copy_(before[i].lerp_(parameter, weight))
+        if len(self.optimizer.state) != self._linked:  # state made on this step: the rows must see it
+            self._link_row_states()
+
+    def release_gradients(self) -> None:
+        for parameter in self.stacked_params:
+            parameter.grad = None
+
+    def unstack(self) -> None:
+        """Give every row's optimizer its own copy of its state, so that it can step on its own, and every row its
+        share of gradients accumulated so far (as views, which its optimizer's ``zero_grad`` drops)."""
+        for optimizer, params, row in zip(self.optimizers, self._row_params, range(self.rows)):
+            for parameter, stacked_param in zip(params, self.stacked_params):
+                if stacked_param.grad is not None:
+                    parameter.grad = stacked_param.grad[row]
+                state = optimizer.state.get(parameter)
+                if state:
+                    optimizer.state[parameter] = {
+                        k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()
+                    }
+        self.release_gradients()
+
+
+def _same_hyperparameters(group: dict[str, Any], template: dict[str, Any]) -> bool:
+    mine, theirs = _without_lr(group), _without_lr(template)
+    if mine.keys() != theirs.keys():
+        return False
+    for key, value in mine.items():
+        other = theirs[key]
+        if isinstance(value, Tensor) or isinstance(other, Tensor):
+            if not (isinstance(value, Tensor) and isinstance(other, Tensor) and torch.equal(value, other)):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+def _without_lr(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's hyperparameters, without its parameters and the learning rate (and the schedulers' copies)."""
+    return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr", "max_lr", "min_lr")}

@@ -102,3 +102,51 @@ def test_batched_convolutions_on_cuda_follow_the_tf32_setting():
     assert batched._ensemble.vectorized
     # float32 summation order at lr 0.5 with momentum over 12 steps
     torch.testing.assert_close(batched.distances, sequential.distances, rtol=2e-3, atol=0)
+
+
+def _digits_sweep_on_cuda(model, vectorize, **kwargs):
+    from lightning_chaos import ChaosLRFinder
+    from lightning_chaos.demo import DigitsDataModule
+
+    L.seed_everything(0, verbose=False)
+    finder = ChaosLRFinder(num_lrs=5, steps_per_lr=30, refine=1, update_attr=False, vectorize=vectorize, **kwargs)
+    trainer = quiet_trainer(accelerator="cuda", max_epochs=1, callbacks=[finder], limit_train_batches=0)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    return finder
+
+
+def test_finder_batches_dropout_on_cuda_with_one_mask_for_every_row():
+    """The finder compares nothing outside its stack, so a dropout on CUDA is batched: every row draws the same mask.
+    Were the masks different, dropout noise would part each shadow from its reference at once and every η would read
+    chaotic; at the smallest η the separation grows by less than one e-fold."""
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import MLPClassifier
+
+    L.seed_everything(0, verbose=False)
+    finder = _digits_sweep_on_cuda(MLPClassifier(hidden=(32,), dropout=0.2, lr=0.1), True, min_lr=1e-3, max_lr=20.0)
+    assert finder._stack  # no fallback to one at a time
+    result = finder.result
+    assert result.exponents[0] * result.steps_per_lr < 1
+    assert result.suggestion is not None
+
+
+def test_stacked_adam_sweep_on_cuda_agrees_with_one_at_a_time_where_it_learns():
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import MLPClassifier
+
+    class AdamMLP(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def sweep(vectorize):
+        L.seed_everything(0, verbose=False)
+        return _digits_sweep_on_cuda(AdamMLP(hidden=(32,), lr=0.01), vectorize, min_lr=1e-4, max_lr=1.0).result
+
+    stacked, sequential = sweep(True), sweep(False)
+    common = [lr for lr in sequential.lrs[sequential.learning].tolist() if lr in stacked.lrs.tolist()]
+    assert len(common) >= 3
+    pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
+    torch.testing.assert_close(pick(stacked, stacked.exponents), pick(sequential, sequential.exponents),
+                               rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
+                               rtol=1e-4, atol=1e-6)
