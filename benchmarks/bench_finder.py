@@ -144,6 +144,63 @@ def measure_tau(task: Task, lr: float, seed: int, root: str) -> dict:
     }
 
 
+def measure_suggestions(task: Task, data: dict, finder: dict, floor: float, margins: list[float], root: str) -> None:
+    """τ at every η a finder run of seed ``finder["seed"]`` points to (its suggestion, lr_find's, the default LR, both
+    anchors at every margin) that ``data["runs"]`` lacks; below ``floor`` taken as never without running."""
+    seed = finder["seed"]
+    wanted = [finder["chaos"]["suggestion"], finder["lrfind"]["suggestion"], task.default_lr]
+    for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
+        sweep = anchored_sweep(finder, anchor)
+        if sweep is not None and sweep.get(anchor) is not None:
+            wanted += [sweep[anchor] / m for m in margins]
+    for lr in wanted:
+        key = _key(lr, seed) if lr is not None else None
+        if key is None or key in data["runs"]:
+            continue
+        if lr < floor:
+            data["runs"][key] = inferred_never(lr, seed)
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            data["runs"][key] = measure_tau(task, lr, seed, root)
+
+
+def never_floor(data: dict, seed: int) -> float:
+    """The η below which a saved grid inferred τ = never for ``seed``: the largest η that failed without diverging
+    below one that reached the target (0 when none did)."""
+    reached = False
+    for lr in sorted(data["grid"], reverse=True):
+        run = data["runs"][_key(lr, seed)]
+        if not math.isinf(run["tau"]):
+            reached = True
+        elif reached and not run["diverged"]:
+            return lr
+    return 0.0
+
+
+def resuggest(saved: dict, args: argparse.Namespace) -> dict:
+    """``--resuggest``: the finders of a saved run again, with the code as it is now, on the same seeds; τ measured at
+    the η they point to that the saved run lacks. The grid (the oracle) is reused as it was measured."""
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.tasks:
+            if name not in saved["tasks"]:
+                continue
+            task, data = TASKS[name], saved["tasks"][name]
+            old = {f["seed"]: f for f in data["finders"]}
+            data["finders"] = []
+            for seed in data["seeds"]:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    finder = run_finders(task, seed, root)
+                    measure_suggestions(task, data, finder, never_floor(data, seed), args.margins, root)
+                data["finders"].append(finder)
+                before = old[seed]["chaos"]["suggestion"]
+                print(f"[{name}] seed {seed}: suggestion {fmt_lr(before)} -> {fmt_lr(finder['chaos']['suggestion'])}",
+                      flush=True)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(saved, fh, default=str)
+    return saved
+
+
 def inferred_never(lr: float, seed: int) -> dict:
     return {"lr": lr, "seed": seed, "tau": NEVER, "diverged": False, "inferred": True, "curve": [], "seconds": 0.0}
 
@@ -591,6 +648,8 @@ def main() -> None:
     parser.add_argument("--from-json", nargs="+", default=[],
                         help="only print the tables of saved --json files (several: their seeds are pooled per task)")
     parser.add_argument("--timing-only", action="store_true", help="only the wall times, stacked and sequential")
+    parser.add_argument("--resuggest", action="store_true",
+                        help="with --from-json: rerun the finders (the code as it is now) on the saved seeds of --tasks")
     parser.add_argument("--no-sequential", dest="sequential", action="store_false",
                         help="with --timing-only: time the stacked finder and lr_find only")
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
@@ -599,17 +658,19 @@ def main() -> None:
     args = parser.parse_args()
     global ACCELERATOR, ANCHOR
     ACCELERATOR, ANCHOR = args.accelerator, args.anchor
-    if args.from_json:
-        saved = merge_runs([load_run(path) for path in args.from_json])
-        print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
-              readme_table(saved, DEFAULT_MARGIN), sweep_table(saved), sep="\n\n")
-        return
-
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_chaos", *logging.root.manager.loggerDict):
         if name.startswith("lightning"):
             logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if args.from_json:
+        saved = merge_runs([load_run(path) for path in args.from_json])
+        if args.resuggest:
+            saved = resuggest(saved, args)
+        print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
+              readme_table(saved, DEFAULT_MARGIN), sweep_table(saved), sep="\n\n")
+        return
+
     if args.timing_only:
         timing_only(args)
         return
@@ -665,21 +726,7 @@ def main() -> None:
                         reached = True
                     elif reached and not run["diverged"] and floor == 0.0:
                         floor = lr
-                f = data["finders"][seed - args.first_seed]
-                wanted = [f["chaos"]["suggestion"], f["lrfind"]["suggestion"], task.default_lr]
-                for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
-                    sweep = anchored_sweep(f, anchor)
-                    if sweep is not None and sweep.get(anchor) is not None:
-                        wanted += [sweep[anchor] / m for m in args.margins]
-                for lr in wanted:
-                    key = _key(lr, seed) if lr is not None else None
-                    if key is None or key in data["runs"]:
-                        continue
-                    if lr < floor:
-                        data["runs"][key] = inferred_never(lr, seed)
-                        continue
-                    with contextlib.redirect_stdout(io.StringIO()):
-                        data["runs"][key] = measure_tau(task, lr, seed, root)
+                measure_suggestions(task, data, data["finders"][seed - args.first_seed], floor, args.margins, root)
                 print(f"[{name}] seed {seed}: grid " + ", ".join(
                     f"{lr:.3g}:{fmt_tau(data['runs'][_key(lr, seed)]['tau'])}" for lr in grid), flush=True)
             data["seconds"] = time.perf_counter() - task_started
