@@ -507,6 +507,7 @@ class ShadowEnsemble:
                 reference = real_buffers.get(key)
                 if (
                     key == "step"
+                    or value is reference  # one tensor shared with the reference (a StackedOptimizer's mu_product)
                     or not isinstance(value, Tensor)
                     or not isinstance(reference, Tensor)
                     or not value.is_floating_point()

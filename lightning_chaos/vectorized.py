@@ -9,6 +9,7 @@ This layer knows torch only. The probe's :class:`~lightning_chaos.shadow.ShadowE
 candidates of a whole learning-rate grid) decide when to use it.
 """
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, Optional
@@ -301,6 +302,9 @@ def lr_linear_blocker(optimizer: torch.optim.Optimizer) -> Optional[str]:
     return None
 
 
+_SHARED_STATE = ("step", "mu_product")  # per-parameter scalars that every row shares
+
+
 class StackedOptimizer:
     r"""One optimizer step for all rows of a :class:`StackedShadows` whose optimizers differ only in learning rate.
 
@@ -325,23 +329,28 @@ class StackedOptimizer:
         self.rows = len(optimizers)
         index_of = {name: i for i, name in enumerate(stacked.parameter_names)}
         self._groups: list[list[int]] = []  # per param group, its parameters' positions in stacked.parameter_names
+        names = {id(p): n for n, p in stacked.shadows[0].named_parameters()}
         for group in first.param_groups:
-            names = {id(p): n for n, p in stacked.shadows[0].named_parameters()}
-            self._groups.append([index_of[names[id(p)]] for p in group["params"]])
+            unstacked = [p for p in group["params"] if names.get(id(p)) not in index_of]
+            if any(p.requires_grad for p in unstacked):
+                raise NotVectorizable("the optimizer holds a trainable parameter that is not in the stack")
+            self._groups.append([index_of[names[id(p)]] for p in group["params"] if p.requires_grad])
         for optimizer, module in zip(self.optimizers, stacked.shadows):
             if type(optimizer) is not type(first) or len(optimizer.param_groups) != len(first.param_groups):
                 raise NotVectorizable("the rows' optimizers differ in class or param groups")
             names = {id(p): n for n, p in module.named_parameters()}
             for group, template, positions in zip(optimizer.param_groups, first.param_groups, self._groups):
-                if [index_of.get(names.get(id(p)), -1) for p in group["params"]] != positions:
+                if [index_of.get(names.get(id(p)), -1) for p in group["params"] if p.requires_grad] != positions:
                     raise NotVectorizable("the rows' optimizers hold their parameters in another order")
                 if not _same_hyperparameters(group, template):
                     raise NotVectorizable("the rows' optimizers differ in a hyperparameter besides the learning rate")
         self.stacked_params = list(stacked.parameters.values())
         self._row_params = [[module.get_parameter(n) for n in stacked.parameter_names] for module in stacked.shadows]
+        groups = [{**_without_lr(group), "params": [self.stacked_params[i] for i in positions], "lr": 1.0}
+                  for group, positions in zip(first.param_groups, self._groups)]
+        accepted = inspect.signature(type(first)).parameters
         self.optimizer = type(first)(
-            [{**_without_lr(group), "params": [self.stacked_params[i] for i in positions], "lr": 1.0}
-             for group, positions in zip(first.param_groups, self._groups)]
+            groups, **{k: v for k, v in first.defaults.items() if k in accepted and k != "lr"}, lr=1.0
         )
         # η per row and param group, shaped to broadcast over each stacked parameter
         self._weights = []
@@ -361,7 +370,8 @@ class StackedOptimizer:
                 continue
             merged = {}
             for key, value in row_states[0].items():
-                if isinstance(value, Tensor) and value.shape == self._row_params[0][i].shape and value.dim() > 0:
+                per_row = isinstance(value, Tensor) and value.shape == self._row_params[0][i].shape
+                if per_row and key not in _SHARED_STATE:
                     merged[key] = torch.stack([state[key] for state in row_states])
                 else:
                     merged[key] = value.clone() if isinstance(value, Tensor) else value
@@ -396,12 +406,11 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Every row's optimizer step, at its own learning rate."""
-        before = [p.clone() for p in self.stacked_params]
+        stepped = [(self.stacked_params[i], weight) for i, weight in self._weights]
+        stepped = [(parameter, weight, parameter.clone()) for parameter, weight in stepped if parameter.grad is not None]
         self.optimizer.step()
-        for i, weight in self._weights:
-            parameter = self.stacked_params[i]
-            if parameter.grad is not None:
-                parameter.copy_(before[i].lerp_(parameter, weight))
+        for parameter, weight, before in stepped:
+            parameter.copy_(before.lerp_(parameter, weight))
         if len(self.optimizer.state) != self._linked:  # state made on this step: the rows must see it
             self._link_row_states()
 

@@ -174,3 +174,119 @@ def test_rows_that_differ_in_another_hyperparameter_are_refused():
     optimizers[1].param_groups[0]["betas"] = (0.8, 0.999)
     with pytest.raises(NotVectorizable, match="besides the learning rate"):
         StackedOptimizer(StackedShadows(rows, NAMES), optimizers)
+
+
+class WithTemperatureAndFrozenStem(nn.Module):
+    """A 0-dim trainable parameter (a learnable temperature) and a frozen layer that the optimizer still holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(5, 5)
+        self.stem.requires_grad_(False)
+        self.out = nn.Linear(5, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.stem(x))) / self.temperature
+
+
+TRAINABLE = ["out.weight", "out.bias", "temperature"]
+
+
+def _odd_rows(make_optimizer, clear_state=False):
+    torch.manual_seed(0)
+    base = WithTemperatureAndFrozenStem().double()
+    rows = [copy.deepcopy(base) for _ in LRS]
+    optimizers = [make_optimizer(module.parameters(), lr) for module, lr in zip(rows, LRS)]
+    if clear_state:  # the finder starts every candidate from a fresh optimizer this way
+        for optimizer in optimizers:
+            optimizer.state.clear()
+    return rows, optimizers
+
+
+def _odd_gradients(rows, step):
+    torch.manual_seed(100 + step)
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    grads = []
+    for module in rows:
+        loss = nn.functional.cross_entropy(module(x), y)
+        grads.append(torch.autograd.grad(loss, [module.get_parameter(n) for n in TRAINABLE]))
+    return [torch.stack(column) for column in zip(*grads)]
+
+
+def _train_odd_rows_separately(make_optimizer, steps, clear_state=False):
+    rows, optimizers = _odd_rows(make_optimizer, clear_state)
+    for step in range(steps):
+        grads = _odd_gradients(rows, step)
+        for k, (module, optimizer) in enumerate(zip(rows, optimizers)):
+            for name, g in zip(TRAINABLE, grads):
+                module.get_parameter(name).grad = g[k].clone()
+            optimizer.step()
+    return rows
+
+
+def _assert_rows_match(rows, expected):
+    for module, reference in zip(rows, expected):
+        for p, q in zip(module.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
+
+
+def test_optimizer_defaults_reach_state_made_after_a_cleared_start():
+    """Adagrad makes its accumulator from the optimizer's defaults when the state is empty, as the finder leaves it:
+    the stacked optimizer must carry initial_accumulator_value (it used to start from 0)."""
+    make_optimizer = lambda p, lr: torch.optim.Adagrad(p, lr=lr, initial_accumulator_value=1.0)  # noqa: E731
+    expected = _train_odd_rows_separately(make_optimizer, steps=4, clear_state=True)
+    rows, optimizers = _odd_rows(make_optimizer, clear_state=True)
+    stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
+    for step in range(4):
+        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
+        stepper.step()
+    _assert_rows_match(rows, expected)
+
+
+def test_frozen_parameters_in_the_optimizer_and_a_scalar_parameter_restack_exactly():
+    """A frozen layer the optimizer holds (not in the stack) used to raise KeyError; a 0-dim parameter's momentum was
+    taken as a shared scalar at a restack and broke the next step."""
+    make_optimizer = lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)  # noqa: E731
+    expected = _train_odd_rows_separately(make_optimizer, steps=6)
+    rows, optimizers = _odd_rows(make_optimizer)
+    stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
+    for step in range(3):
+        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
+        stepper.step()
+    stepper.unstack()
+    keep = [0, 1, 3]
+    stepper = StackedOptimizer(StackedShadows([rows[k] for k in keep], TRAINABLE), [optimizers[k] for k in keep])
+    for step in range(3, 6):
+        grads = _odd_gradients(rows, step)
+        stepper.accumulate_gradients([g[keep] for g in grads], zero_grad=True)
+        stepper.step()
+        for name, g in zip(TRAINABLE, grads):
+            rows[2].get_parameter(name).grad = g[2].clone()
+        optimizers[2].step()
+    _assert_rows_match(rows, expected)
+
+
+def test_the_pull_back_leaves_nadams_shared_mu_product_alone():
+    """NAdam's mu_product is one tensor shared by the rows; for a 0-dim parameter it has the parameter's shape, and
+    the pull-back's (shadow − reference)·scale + reference zeroed it when shadow and reference were the same tensor."""
+    from lightning_chaos.shadow import ShadowEnsemble
+
+    rows, optimizers = _odd_rows(lambda p, lr: torch.optim.NAdam(p, lr=lr))
+    stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
+    for step in range(3):
+        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
+        stepper.step()
+    ensemble = ShadowEnsemble.__new__(ShadowEnsemble)  # row 0 as the reference, row 1 as its shadow
+    ensemble.real_optimizer = optimizers[0]
+    ensemble.real_params = [rows[0].get_parameter(n) for n in TRAINABLE]
+    mu_product = optimizers[0].state[rows[0].temperature]["mu_product"].clone()
+    assert mu_product != 0
+    ensemble._scale_optimizer_state(optimizers[1], [rows[1].get_parameter(n) for n in TRAINABLE], torch.tensor(0.5))
+    assert optimizers[1].state[rows[1].temperature]["mu_product"] == mu_product
+
+
+def test_an_optimizer_holding_a_trainable_parameter_outside_the_stack_is_refused():
+    rows, optimizers = _odd_rows(lambda p, lr: torch.optim.SGD(p, lr=lr))
+    with pytest.raises(NotVectorizable, match="not in the stack"):
+        StackedOptimizer(StackedShadows(rows, ["out.weight", "out.bias"]), optimizers)
