@@ -316,6 +316,15 @@ class StackedOptimizer:
     :meth:`unstack` gives the rows' optimizers their own copies again, before they step on their own.
 
     Rounding differs from K separate steps: the update is formed at η = 1 and scaled, about one ulp of θ per step.
+
+    Args:
+        stacked: the K rows, whose trainable parameters are views into stacked tensors.
+        optimizers: one optimizer per row, in row order, over that row's parameters (frozen ones may be among them).
+
+    Raises:
+        NotVectorizable: the optimizers cannot share a step (another class, an option that makes the step non-linear
+            in η, other hyperparameters or param groups, a trainable parameter outside the stack). The caller steps
+            them one by one instead.
     """
 
     def __init__(self, stacked: StackedShadows, optimizers: Sequence[torch.optim.Optimizer]) -> None:
