@@ -56,13 +56,15 @@ def _make_rows(make_optimizer):
     return rows, optimizers
 
 
-def _gradients(rows, step):
+def _gradients(rows, step, names=None):
+    """Per trainable parameter (``names``, default all), the rows' gradients on one seeded batch, stacked."""
     torch.manual_seed(100 + step)
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     grads = []
     for module in rows:
         loss = nn.functional.cross_entropy(module(x), y)
-        grads.append(torch.autograd.grad(loss, list(module.parameters())))
+        parameters = list(module.parameters()) if names is None else [module.get_parameter(n) for n in names]
+        grads.append(torch.autograd.grad(loss, parameters))
     return [torch.stack(column) for column in zip(*grads)]
 
 
@@ -112,26 +114,33 @@ def test_row_state_is_a_view_so_an_in_place_pull_back_reaches_the_stacked_state(
     assert torch.all(stepper.optimizer.state[stacked_first]["exp_avg"][1] != 0)
 
 
+def _train_stacked_with_a_restack(rows, optimizers, names, steps=6, keep=(0, 1, 3)):
+    """Half the steps stacked, then unstack and stack the rows in ``keep`` anew, as the finder does when a candidate
+    diverges; the row left out steps on with its own optimizer."""
+    stepper = StackedOptimizer(StackedShadows(rows, names), optimizers)
+    for step in range(steps // 2):
+        stepper.accumulate_gradients(_gradients(rows, step, names), zero_grad=True)
+        stepper.step()
+    stepper.unstack()
+    keep = list(keep)
+    (left_out,) = set(range(len(rows))) - set(keep)
+    stepper = StackedOptimizer(StackedShadows([rows[k] for k in keep], names), [optimizers[k] for k in keep])
+    for step in range(steps // 2, steps):
+        grads = _gradients(rows, step, names)
+        stepper.accumulate_gradients([g[keep] for g in grads], zero_grad=True)
+        stepper.step()
+        for name, g in zip(names, grads):
+            rows[left_out].get_parameter(name).grad = g[left_out].clone()
+        optimizers[left_out].step()
+
+
 def test_restacking_a_subset_of_rows_carries_their_state_on():
     """The finder's path when candidates diverge: unstack, stack the rest anew with their state, go on. The rows that
     remain end where their own optimizers would have taken them; the row left out steps on alone, also as expected."""
     make_optimizer = OPTIMIZERS["adam_amsgrad_wd"]
     expected, _ = _train_separately(make_optimizer, steps=6)
     rows, optimizers = _make_rows(make_optimizer)
-    stepper = StackedOptimizer(StackedShadows(rows, NAMES), optimizers)
-    for step in range(3):
-        stepper.accumulate_gradients(_gradients(rows, step), zero_grad=True)
-        stepper.step()
-    stepper.unstack()
-    keep = [0, 1, 3]
-    stepper = StackedOptimizer(StackedShadows([rows[k] for k in keep], NAMES), [optimizers[k] for k in keep])
-    for step in range(3, 6):
-        grads = _gradients(rows, step)
-        stepper.accumulate_gradients([g[keep] for g in grads], zero_grad=True)
-        stepper.step()
-        for p, g in zip(rows[2].parameters(), grads):  # the row left out, on its own optimizer
-            p.grad = g[2].clone()
-        optimizers[2].step()
+    _train_stacked_with_a_restack(rows, optimizers, NAMES)
     for module, reference in zip(rows, expected):
         for p, q in zip(module.parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
@@ -204,20 +213,10 @@ def _odd_rows(make_optimizer, clear_state=False):
     return rows, optimizers
 
 
-def _odd_gradients(rows, step):
-    torch.manual_seed(100 + step)
-    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
-    grads = []
-    for module in rows:
-        loss = nn.functional.cross_entropy(module(x), y)
-        grads.append(torch.autograd.grad(loss, [module.get_parameter(n) for n in TRAINABLE]))
-    return [torch.stack(column) for column in zip(*grads)]
-
-
 def _train_odd_rows_separately(make_optimizer, steps, clear_state=False):
     rows, optimizers = _odd_rows(make_optimizer, clear_state)
     for step in range(steps):
-        grads = _odd_gradients(rows, step)
+        grads = _gradients(rows, step, TRAINABLE)
         for k, (module, optimizer) in enumerate(zip(rows, optimizers)):
             for name, g in zip(TRAINABLE, grads):
                 module.get_parameter(name).grad = g[k].clone()
@@ -239,7 +238,7 @@ def test_optimizer_defaults_reach_state_made_after_a_cleared_start():
     rows, optimizers = _odd_rows(make_optimizer, clear_state=True)
     stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
     for step in range(4):
-        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
+        stepper.accumulate_gradients(_gradients(rows, step, TRAINABLE), zero_grad=True)
         stepper.step()
     _assert_rows_match(rows, expected)
 
@@ -250,20 +249,7 @@ def test_frozen_parameters_in_the_optimizer_and_a_scalar_parameter_restack_exact
     make_optimizer = lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)  # noqa: E731
     expected = _train_odd_rows_separately(make_optimizer, steps=6)
     rows, optimizers = _odd_rows(make_optimizer)
-    stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
-    for step in range(3):
-        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
-        stepper.step()
-    stepper.unstack()
-    keep = [0, 1, 3]
-    stepper = StackedOptimizer(StackedShadows([rows[k] for k in keep], TRAINABLE), [optimizers[k] for k in keep])
-    for step in range(3, 6):
-        grads = _odd_gradients(rows, step)
-        stepper.accumulate_gradients([g[keep] for g in grads], zero_grad=True)
-        stepper.step()
-        for name, g in zip(TRAINABLE, grads):
-            rows[2].get_parameter(name).grad = g[2].clone()
-        optimizers[2].step()
+    _train_stacked_with_a_restack(rows, optimizers, TRAINABLE)
     _assert_rows_match(rows, expected)
 
 
@@ -275,7 +261,7 @@ def test_the_pull_back_leaves_nadams_shared_mu_product_alone():
     rows, optimizers = _odd_rows(lambda p, lr: torch.optim.NAdam(p, lr=lr))
     stepper = StackedOptimizer(StackedShadows(rows, TRAINABLE), optimizers)
     for step in range(3):
-        stepper.accumulate_gradients(_odd_gradients(rows, step), zero_grad=True)
+        stepper.accumulate_gradients(_gradients(rows, step, TRAINABLE), zero_grad=True)
         stepper.step()
     ensemble = ShadowEnsemble.__new__(ShadowEnsemble)  # row 0 as the reference, row 1 as its shadow
     ensemble.real_optimizer = optimizers[0]
