@@ -180,10 +180,9 @@ def never_floor(data: dict, seed: int) -> float:
 def resuggest(saved: dict, args: argparse.Namespace) -> dict:
     """``--resuggest``: the finders of a saved run again, with the code as it is now, on the same seeds; τ measured at
     the η they point to that the saved run lacks. The grid (the oracle) is reused as it was measured."""
+    saved["tasks"] = {name: data for name, data in saved["tasks"].items() if name in args.tasks}  # only those rerun
     with tempfile.TemporaryDirectory() as root:
-        for name in args.tasks:
-            if name not in saved["tasks"]:
-                continue
+        for name in saved["tasks"]:
             task, data = TASKS[name], saved["tasks"][name]
             old = {f["seed"]: f for f in data["finders"]}
             data["finders"] = []
