@@ -483,10 +483,14 @@ def grid_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+MAX_SPLITS = 2000
+
+
 def oracle_transfer(results: dict) -> str:
     """How well the grid's own best η carries over to other seeds: the noise floor of τ(choice)/τ(best).
 
-    For every split of the seeds into a choosing half (the smaller) and a judging half, the best grid η by median τ over
+    For every split of the seeds (a seeded sample of ``MAX_SPLITS`` when there are more) into a choosing half (the
+    smaller) and a judging half, the best grid η by median τ over
     the choosing seeds is judged like the finder: median τ over the judging seeds, over the best median τ of any grid η
     on those same seeds. A ratio above 1 here is seed noise alone, with the best η known from other runs.
     """
@@ -496,7 +500,11 @@ def oracle_transfer(results: dict) -> str:
         if len(seeds) < 2:
             continue
         ratios = []
-        for choosing in itertools.combinations(seeds, len(seeds) // 2):
+        splits = list(itertools.islice(itertools.combinations(seeds, len(seeds) // 2), MAX_SPLITS + 1))
+        if len(splits) > MAX_SPLITS:  # 20 seeds have 184 756 splits: a seeded sample of them
+            rng = random.Random(0)
+            splits = [tuple(sorted(rng.sample(seeds, len(seeds) // 2))) for _ in range(MAX_SPLITS)]
+        for choosing in splits:
             _, choice = fastest_grid_lr(data, list(choosing))
             judged, best_lr = fastest_grid_lr(data, [s for s in seeds if s not in choosing])
             if not math.isinf(judged[best_lr]):
