@@ -186,9 +186,10 @@ class ChaosLRFinder(Callback):
     The default anchor is the top of the learning band. The seed paper's hypothesis, that training is fastest near the
     onset of chaos, held on tanh networks under SGD, where the two edges coincide. On the benchmark's ReLU MLPs and
     under Adam the trajectory is already chaotic far below the fastest η, and on CNNs whose initial plateau is chaotic
-    the onset falls past the band: over 15 tasks and 10 seeds the onset suggestion never reached the target accuracy
-    on 6, while the top of the learning band reached it on all (by median; on 148 of 150 seeds) and within 1.25× of
-    the best grid η on 14 (benchmarks/FINDER_RESULTS.md). With the default there is no suggestion when nothing learns
+    the onset falls past the band: over 15 tasks and 20 seeds the onset suggestion never reached the target accuracy
+    on 7, while the top of the learning band reached it on all (by median; on 295 of 300 seeds) and within 1.25× of
+    the best grid η on 14. Under Adam the band's top / 1.5 overshoots the fastest η (1.31× its τ on the digits MLP;
+    benchmarks/FINDER_RESULTS.md). With the default there is no suggestion when nothing learns
     or when the network still learns well at ``max_lr``. ``anchor="onset"`` keeps the paper's
     rule; then there is also none when the grid never reaches chaos or chaos appears only where learning has already
     failed. A warning says what to widen.
@@ -246,7 +247,7 @@ class ChaosLRFinder(Callback):
             differed by up to 15 % on the digits under Adam). On CUDA a dropout draws one mask for all stacked rows,
             not the fused kernel's mask of an unbatched step, so with dropout the two agree in distribution only.
             The suggestion moves with rounding only where the loss ratios sit at the learning band's threshold: the
-            stacked optimizer step changed it on 10 of 280 benchmark sweeps, by one refinement step
+            stacked optimizer step changed it on 12 of 300 benchmark seeds, by one or two refinement steps
             (benchmarks/FINDER_RESULTS.md).
 
     Raises:
