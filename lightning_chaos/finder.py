@@ -328,6 +328,7 @@ class ChaosLRFinder(Callback):
         self.vectorize = vectorize
         self.anchor = anchor
         self._stack = False
+        self._said_why_optimizers_step_apart = False
         self._accumulate = 1
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
@@ -575,7 +576,9 @@ class ChaosLRFinder(Callback):
         try:
             return StackedOptimizer(stacked, [o for c in candidates for o in c.optimizers])
         except NotVectorizable as error:
-            rank_zero_info(f"ChaosLRFinder: stepping the candidates' optimizers one at a time: {error}.")
+            if not self._said_why_optimizers_step_apart:  # once, not at every restack
+                rank_zero_info(f"ChaosLRFinder: stepping the candidates' optimizers one at a time: {error}.")
+                self._said_why_optimizers_step_apart = True
             return None
 
     def _stack_candidates(self, candidates: list["_Candidate"], names: list[str]) -> Optional[StackedShadows]:

@@ -1,5 +1,6 @@
 """ChaosLRFinder: exact exponents on the quadratic, no side effects, a sensible suggestion on real digits."""
 
+import logging
 import math
 
 import lightning as L
@@ -725,3 +726,25 @@ def test_trainability_anchor_on_real_digits_refines_above_the_band_and_steps_bac
     assert result.loss_ratio[edge] <= 1.25 * best
     assert not (result.learning[edge + 1] and result.loss_ratio[edge + 1] <= 1.25 * best)
     assert len(result.lrs) == 5 + 2  # refined between the top of the band and the next grid point
+
+
+def test_an_optimizer_not_linear_in_the_lr_steps_per_candidate_and_says_why_once(caplog):
+    """Rprop's step sizes depend on the LR it started with: the stack keeps one optimizer step per candidate (said once
+    at info level, not at every restack), and the sweep matches the one-at-a-time sweep where the network learns."""
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import MLPClassifier
+
+    class RpropMLP(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.Rprop(self.parameters(), lr=self.lr)
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        stacked = _digits_sweep(RpropMLP, True, min_lr=1e-4, max_lr=1.0)
+    said = [r for r in caplog.records if "stepping the candidates' optimizers one at a time" in r.getMessage()]
+    assert len(said) == 1 and "Rprop" in said[0].getMessage()
+    sequential = _digits_sweep(RpropMLP, False, min_lr=1e-4, max_lr=1.0)
+    common = [lr for lr in sequential.lrs[sequential.learning].tolist() if lr in stacked.lrs.tolist()]
+    assert common
+    pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
+    torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
+                               rtol=1e-4, atol=1e-6)
