@@ -37,6 +37,7 @@ from lightning_chaos.vectorized import (
     NotVectorizable,
     StackedOptimizer,
     StackedShadows,
+    build_like,
     check_vectorize,
     vectorization_blocker,
     worth_vectorizing,
@@ -479,7 +480,7 @@ class ChaosLRFinder(Callback):
         if init_state is not None:
             reference.shadows[0].load_state_dict(init_state)
         reference_optimizer = reference.optimizers[0]
-        reference_optimizer.state.clear()  # the sweep starts every η from a fresh optimizer
+        _reset_state(reference_optimizer)  # the sweep starts every η from a fresh optimizer
         for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
             group["lr"] = _unscheduled_lr(template) * lr_scale  # a fixed η: no warm-up factor
         shadows = ShadowEnsemble(
@@ -830,6 +831,18 @@ class _Candidate:
         diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
         learning = not diverged and ratio < _LEARNING_LOSS_RATIO
         return exponent, ratio, learning
+
+
+def _reset_state(optimizer: Optimizer) -> None:
+    """The state a freshly built optimizer of this class has: empty for most, but Adagrad makes its accumulators in
+    ``__init__`` (and before torch 2.13 its step fails without them). Built over the same param groups; an optimizer
+    that cannot be rebuilt from them (required arguments beyond the groups) is left with an empty state."""
+    optimizer.state.clear()
+    try:
+        fresh = build_like(optimizer, [dict(group) for group in optimizer.param_groups])
+    except Exception:  # a custom optimizer's constructor: fresh state is what its step makes of none
+        return
+    optimizer.state.update(fresh.state)
 
 
 def _unscheduled_lr(group: dict[str, Any]) -> float:

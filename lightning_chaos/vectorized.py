@@ -357,10 +357,7 @@ class StackedOptimizer:
         self._row_params = [[module.get_parameter(n) for n in stacked.parameter_names] for module in stacked.shadows]
         groups = [{**_without_lr(group), "params": [self.stacked_params[i] for i in positions], "lr": 1.0}
                   for group, positions in zip(first.param_groups, self._groups)]
-        accepted = inspect.signature(type(first)).parameters
-        self.optimizer = type(first)(
-            groups, **{k: v for k, v in first.defaults.items() if k in accepted and k != "lr"}, lr=1.0
-        )
+        self.optimizer = build_like(first, groups, lr=1.0)
         # η per row and param group, shaped to broadcast over each stacked parameter
         self._weights = []
         for g, positions in enumerate(self._groups):
@@ -440,6 +437,14 @@ class StackedOptimizer:
                         k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()
                     }
         self.release_gradients()
+
+
+def build_like(optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]], **overrides: Any):
+    """A new optimizer of ``optimizer``'s class over ``param_groups``, with its defaults: some constructors read an
+    argument rather than the group (Adagrad's ``initial_accumulator_value`` for the accumulators it makes)."""
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in overrides}
+    return type(optimizer)(param_groups, **defaults, **overrides)
 
 
 def _same_hyperparameters(group: dict[str, Any], template: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
@@ -748,3 +749,22 @@ def test_an_optimizer_not_linear_in_the_lr_steps_per_candidate_and_says_why_once
     pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
     torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_every_candidate_starts_from_the_state_a_fresh_optimizer_has():
+    """Adagrad makes its accumulators when built (torch before 2.13 cannot step without them): a candidate's reset
+    optimizer holds them at initial_accumulator_value, and nothing of the user's optimizer state."""
+    from lightning_chaos.finder import _reset_state
+
+    parameter = nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adagrad([parameter], lr=0.1, initial_accumulator_value=0.7)
+    parameter.grad = torch.full((3,), 2.0)
+    optimizer.step()
+    assert optimizer.state[parameter]["sum"][0] == pytest.approx(4.7)
+    _reset_state(optimizer)
+    assert optimizer.state[parameter]["sum"].tolist() == pytest.approx([0.7] * 3)
+    assert optimizer.state[parameter]["step"] == 0
+    momentum = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
+    momentum.step()
+    _reset_state(momentum)
+    assert not momentum.state
