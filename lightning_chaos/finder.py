@@ -570,9 +570,9 @@ class ChaosLRFinder(Callback):
     def _stacked_optimizer(
         self, stacked: Optional[StackedShadows], candidates: list["_Candidate"]
     ) -> Optional[StackedOptimizer]:
-        """One optimizer step for the whole stack, or None: without a stack, with gradient clipping or a GradScaler
-        (both per candidate), or for an optimizer whose step is not linear in the learning rate (said at info level)."""
-        if stacked is None or any(c.clips or c.scales_loss for c in candidates):
+        """One optimizer step for the whole stack, or None: without a stack, with gradient clipping (per candidate), or
+        for an optimizer whose step is not linear in the learning rate (said at info level)."""
+        if stacked is None or any(c.clips for c in candidates):
             return None
         try:
             return StackedOptimizer(stacked, [o for c in candidates for o in c.optimizers])
@@ -771,10 +771,6 @@ class _Candidate:
     @property
     def clips(self) -> bool:
         return self.reference_clip is not None
-
-    @property
-    def scales_loss(self) -> bool:
-        return any(scaler is not None for scaler in self.reference.scalers + self.shadows.scalers)
 
     def step(self, loss: Optional[Tensor], renormalize_every: int, optimizers_stepped: bool = False) -> bool:
         """The optimizer steps after a backward (unless a stacked optimizer made them), the pull-back every period;

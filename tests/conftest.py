@@ -105,3 +105,15 @@ def load_example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_sweeps_agree_where_learning(stacked, sequential, at_least):
+    """Λ and the loss ratio of two finder sweeps agree at every η both ran where the one-at-a-time sweep learns (where
+    training fails, chaos amplifies their different rounding)."""
+    common = [lr for lr in sequential.lrs[sequential.learning].tolist() if lr in stacked.lrs.tolist()]
+    assert len(common) >= at_least
+    pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
+    torch.testing.assert_close(pick(stacked, stacked.exponents), pick(sequential, sequential.exponents),
+                               rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
+                               rtol=1e-4, atol=1e-6)

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import DropoutMLP, Quadratic, dummy_loader, parameters_of, quiet_trainer, random_classification
+from conftest import (
+    DropoutMLP,
+    Quadratic,
+    assert_sweeps_agree_where_learning,
+    dummy_loader,
+    parameters_of,
+    quiet_trainer,
+    random_classification,
+)
 from lightning_chaos import ChaosLRFinder, ChaosProbe, find_chaos_lr
 from lightning_chaos.finder import ChaosLRFinderResult
 from lightning_chaos.functional.onset import (
@@ -424,14 +432,7 @@ def test_stacked_optimizer_steps_adam_candidates_as_their_own_optimizers_would(c
         stacked = _digits_sweep(AdamMLP, True, min_lr=1e-4, max_lr=1.0)
     sequential = _digits_sweep(AdamMLP, False, min_lr=1e-4, max_lr=1.0)
     assert steps and steps[0] == 5 * 2  # every coarse candidate's reference and shadow in one step
-    learning = sequential.lrs[sequential.learning].tolist()
-    common = [lr for lr in learning if lr in stacked.lrs.tolist()]
-    assert len(common) >= 4
-    pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
-    torch.testing.assert_close(pick(stacked, stacked.exponents), pick(sequential, sequential.exponents),
-                               rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
-                               rtol=1e-4, atol=1e-6)
+    assert_sweeps_agree_where_learning(stacked, sequential, at_least=4)
     assert stacked.suggestion == pytest.approx(sequential.suggestion)
 
 

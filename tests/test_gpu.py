@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import DropoutMLP, parameters_of, quiet_trainer, random_classification
+from conftest import (
+    DropoutMLP,
+    assert_sweeps_agree_where_learning,
+    parameters_of,
+    quiet_trainer,
+    random_classification,
+)
 from lightning_chaos import ChaosProbe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -143,10 +149,4 @@ def test_stacked_adam_sweep_on_cuda_agrees_with_one_at_a_time_where_it_learns():
         return _digits_sweep_on_cuda(AdamMLP(hidden=(32,), lr=0.01), vectorize, min_lr=1e-4, max_lr=1.0).result
 
     stacked, sequential = sweep(True), sweep(False)
-    common = [lr for lr in sequential.lrs[sequential.learning].tolist() if lr in stacked.lrs.tolist()]
-    assert len(common) >= 3
-    pick = lambda result, values: values[[result.lrs.tolist().index(lr) for lr in common]]  # noqa: E731
-    torch.testing.assert_close(pick(stacked, stacked.exponents), pick(sequential, sequential.exponents),
-                               rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(pick(stacked, stacked.loss_ratio), pick(sequential, sequential.loss_ratio),
-                               rtol=1e-4, atol=1e-6)
+    assert_sweeps_agree_where_learning(stacked, sequential, at_least=3)
