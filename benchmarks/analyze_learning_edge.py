@@ -13,7 +13,9 @@ where the benchmark ran that η, interpolated otherwise. It asks whether another
 ≤ 1.25 target everywhere (it would not).
 
 ``--record`` does the same over the table of record (runs 4 and 5, 20 seeds per task) for m = 1.5, 2, 2.5 and 3: where
-a larger margin for adaptive optimizers was chosen before the fourth held-out set tested it.
+a larger margin for adaptive optimizers was chosen before the fourth held-out set tested it. ``--files F ...`` does it
+for any saved runs (the fourth held-out set: ``--files finder_heldout4a_cpu.json.gz finder_heldout4b_cpu.json.gz
+finder_heldout4_fashion_cnn_adam_h100.json.gz``).
 """
 
 import gzip
@@ -24,7 +26,7 @@ import statistics
 import sys
 from typing import Optional
 
-from bench_finder import anchored_sweep
+from bench_finder import anchored_sweep, load_run
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FILES = ("finder_run3_cpu.json.gz", "finder_heldout_cpu.json.gz")
@@ -95,18 +97,18 @@ def pooled(files: tuple[str, ...]) -> dict:
     """The files' tasks, the seeds of a task that appears in several files pooled into one."""
     tasks: dict = {}
     for name in files:
-        with gzip.open(os.path.join(RESULTS, name)) as fh:
-            for task_name, task in json.load(fh)["tasks"].items():
-                into = tasks.setdefault(task_name, {"seeds": [], "grid": task["grid"], "finders": [], "runs": {}})
-                into["seeds"] += task["seeds"]
-                into["finders"] += task["finders"][: len(task["seeds"])]
-                into["runs"].update(task["runs"])
+        for task_name, task in load_run(name if os.path.exists(name) else os.path.join(RESULTS, name))["tasks"].items():
+            into = tasks.setdefault(task_name, {"seeds": [], "grid": task["grid"], "finders": [], "runs": {}})
+            into["seeds"] += task["seeds"]
+            into["finders"] += task["finders"][: len(task["seeds"])]
+            into["runs"].update(task["runs"])
     return tasks
 
 
 def margins(candidates: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0), files: tuple[str, ...] = ()) -> None:
     """τ ratio at edge/m per task and m, over every task measured with the trainability anchor (or in ``files``)."""
     ratios: dict[str, list[float]] = {}
+    reached = {margin: [0, 0] for margin in candidates}  # seed runs that reached the target, of all
     for tasks in [pooled(files)] if files else [pooled((name,)) for name in TRAINABILITY_FILES]:
         for task_name, task in tasks.items():
             best = min(statistics.median(grid_tau(task, g, s) for s in task["seeds"]) for g in task["grid"])
@@ -120,17 +122,22 @@ def margins(candidates: tuple[float, ...] = (1.0, 1.1, 1.25, 1.5, 2.0), files: t
                     except KeyError:
                         taus.append(interpolated_tau(task, lr, seed))
                 row.append(statistics.median(taus) / best)
+                reached[margin][0] += sum(not math.isinf(tau) for tau in taus)
+                reached[margin][1] += len(taus)
             ratios[task_name] = row
             print(f"{task_name:16s} " + " ".join(f"m={m:g}: {r:5.2f}" for m, r in zip(candidates, row)))
     for index, margin in enumerate(candidates):
         column = [row[index] for row in ratios.values()]
         within = sum(r <= 1.25 for r in column)
-        print(f"m={margin:g}: worst {max(column):.2f}, within 1.25x on {within} of {len(column)}")
+        print(f"m={margin:g}: worst {max(column):.2f}, within 1.25x on {within} of {len(column)};"
+              f" reached the target on {reached[margin][0]} of {reached[margin][1]} seed runs")
 
 
 if __name__ == "__main__":
     if "--record" in sys.argv:
         margins((1.5, 2.0, 2.5, 3.0), RECORD_FILES)
+    elif "--files" in sys.argv:  # saved bench_finder.py runs (paths, or names in results/), pooled by task
+        margins((1.5, 2.0, 2.5, 3.0), tuple(sys.argv[sys.argv.index("--files") + 1 :]))
     elif "--margins" in sys.argv:
         margins()
     else:
