@@ -65,9 +65,18 @@ from tasks import HELD_OUT, TASKS, Task  # noqa: E402
 
 import lightning_chaos  # noqa: E402
 from lightning_chaos import ChaosLRFinder, find_chaos_lr  # noqa: E402
+from lightning_chaos.finder import MARGIN, auto_margin  # noqa: E402
 
 NEVER = math.inf
 DEFAULT_MARGIN = inspect.signature(ChaosLRFinder).parameters["margin"].default  # the README table's
+
+
+def default_margin(task: Task) -> float:
+    """The finder's default step back below the top of the learning band on ``task`` (``"auto"`` resolved by the
+    task's optimizer)."""
+    if DEFAULT_MARGIN != "auto":
+        return float(DEFAULT_MARGIN)
+    return auto_margin(task.make_model(task.default_lr).configure_optimizers())
 
 
 class TimeToTarget(Callback):
@@ -180,7 +189,6 @@ def never_floor(data: dict, seed: int) -> float:
 def resuggest(saved: dict, args: argparse.Namespace) -> dict:
     """``--resuggest``: the finders of a saved run again, with the code as it is now, on the same seeds; τ measured at
     the η they point to that the saved run lacks. The grid (the oracle) is reused as it was measured."""
-    saved["tasks"] = {name: data for name, data in saved["tasks"].items() if name in args.tasks}  # only those rerun
     with tempfile.TemporaryDirectory() as root:
         for name in saved["tasks"]:
             task, data = TASKS[name], saved["tasks"][name]
@@ -551,9 +559,10 @@ def anchor_table(results: dict, margins: list[float]) -> str:
     return "\n".join(lines)
 
 
-def readme_table(results: dict, margin: float) -> str:
+def readme_table(results: dict) -> str:
     """The README's table: τ (median over seeds) and the median η behind it, for the default LR, ``lr_find``, both
-    anchors at ``margin`` and the best grid η; the anchors' ratios to the best, the default's with its interval."""
+    anchors at the finder's default margins (the task's :func:`default_margin` below the top of the learning band,
+    1.5 below the onset) and the best grid η; the anchors' ratios to the best, the default's with its interval."""
     lines = ["| task | default LR | Lightning `lr_find` | finder (default: top of the learning band) | onset anchor |"
              " best grid η | finder / best | its 95 % interval | onset / best |", "| --- " * 9 + "|"]
     for name, data in results["tasks"].items():
@@ -572,6 +581,7 @@ def readme_table(results: dict, margin: float) -> str:
             if any(sweep is None for sweep in sweeps.values()):
                 return None
             edges = {s: sweep.get(anchor) for s, sweep in sweeps.items()}
+            margin = default_margin(task) if anchor == "trainability_edge" else MARGIN
             return {s: None if edge is None else edge / margin for s, edge in edges.items()}
 
         best = grid[best_lr]
@@ -641,7 +651,8 @@ def _key(lr: float, seed: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=[t for t in TASKS if t not in HELD_OUT], choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS),
+                        help="default: the tasks not held out; with --from-json, every task in the files")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed + seeds - 1")
     parser.add_argument("--grid-min", type=float, default=1e-3)
@@ -663,6 +674,8 @@ def main() -> None:
     parser.add_argument("--anchor", default="trainability", choices=["onset", "trainability"],
                         help="the anchor of the timed finder run (the other anchor's sweep runs untimed beside it)")
     args = parser.parse_args()
+    if args.tasks is None and not args.from_json:
+        args.tasks = [t for t in TASKS if t not in HELD_OUT]
     global ACCELERATOR, ANCHOR
     ACCELERATOR, ANCHOR = args.accelerator, args.anchor
     torch.set_num_threads(args.threads)
@@ -672,10 +685,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.from_json:
         saved = merge_runs([load_run(path) for path in args.from_json])
+        if args.tasks is not None:
+            saved["tasks"] = {name: data for name, data in saved["tasks"].items() if name in args.tasks}
         if args.resuggest:
             saved = resuggest(saved, args)
         print(summarise(saved, args), grid_table(saved), oracle_transfer(saved), anchor_table(saved, args.margins),
-              readme_table(saved, DEFAULT_MARGIN), sweep_table(saved), sep="\n\n")
+              readme_table(saved), sweep_table(saved), sep="\n\n")
         return
 
     if args.timing_only:
@@ -757,8 +772,8 @@ def main() -> None:
     print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
     print(anchor_table(results, args.margins))
     print()
-    print(f"The README's table (the default margin, {DEFAULT_MARGIN:g}):")
-    print(readme_table(results, DEFAULT_MARGIN))
+    print(f"The README's table (the default margin, {DEFAULT_MARGIN}):")
+    print(readme_table(results))
     print()
     print("The finder's sweep, seed 0:")
     print(sweep_table(results))

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -382,6 +383,41 @@ def test_digits_suggestion_lies_between_stable_and_divergent_learning_rates():
     assert result.learning[result.lrs <= result.suggestion][-1]
 
 
+class MyAdam(torch.optim.Adam):
+    """A user's subclass: still adaptive."""
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "margin", "anchor", "expected"),
+    [
+        ("sgd", "auto", "trainability", 1.5),
+        ("adam", "auto", "trainability", 2.5),
+        ("my_adam", "auto", "trainability", 2.5),
+        ("rmsprop", "auto", "trainability", 2.5),
+        ("adam", 2.0, "trainability", 2.0),  # a number the user gives is used as given
+        ("sgd", 3.0, "onset", 3.0),
+    ],
+)
+def test_auto_margin_steps_back_further_under_an_adaptive_optimizer(optimizer, margin, anchor, expected, caplog):
+    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "my_adam": MyAdam, "rmsprop": torch.optim.RMSprop}
+
+    class Model(OffsetQuadratic):
+        def configure_optimizers(self):
+            return classes[optimizer](self.parameters(), lr=self.lr)
+
+    model = Model(EIGENVALUES, lr=0.1, offset=0.5)
+    with caplog.at_level(logging.INFO):
+        result = find_chaos_lr(
+            quiet_trainer(max_steps=10, precision="64-true"), model, train_dataloaders=dummy_loader(40),
+            min_lr=0.01, max_lr=20.0, num_lrs=10, steps_per_lr=40, margin=margin, anchor=anchor,
+        )
+    assert result.margin == expected
+    assert any(f"{expected:g}x below" in record.getMessage() for record in caplog.records)  # the one-line summary
+    edge = result.trainability_edge if anchor == "trainability" else result.onset
+    assert edge is not None and result.suggestion == pytest.approx(edge / expected, rel=1e-12)
+    assert model.lr == result.suggestion
+
+
 def _digits_sweep(model_class, vectorize, anchor="trainability", min_lr=0.01, max_lr=20.0):
     from lightning_chaos.demo import DigitsDataModule
 
@@ -434,6 +470,25 @@ def test_stacked_optimizer_steps_adam_candidates_as_their_own_optimizers_would(c
     assert steps and steps[0] == 5 * 2  # every coarse candidate's reference and shadow in one step
     assert_sweeps_agree_where_learning(stacked, sequential, at_least=4)
     assert stacked.suggestion == pytest.approx(sequential.suggestion)
+
+
+def test_the_onset_anchor_keeps_its_margin_under_adam_and_points_to_the_bands_top_over_2_5():
+    """``margin="auto"`` changes only the step back from the top of the learning band: the onset anchor's 1.5 was
+    chosen on SGD tasks, and under Adam the onset lies below the fastest η anyway (FINDER_RESULTS.md)."""
+    pytest.importorskip("sklearn")
+    from lightning_chaos.demo import MLPClassifier
+
+    class AdamMLP(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = _digits_sweep(AdamMLP, True, anchor="onset", min_lr=1e-4, max_lr=1.0)
+    assert result.onset is not None and result.trainability_edge is not None
+    assert result.margin == 1.5 and result.suggestion == pytest.approx(result.onset / 1.5, rel=1e-12)
+    told = [str(w.message) for w in record if "learning band" in str(w.message)]
+    assert len(told) == 1 and f"would suggest lr={result.trainability_edge / 2.5:.3g}" in told[0]
 
 
 def test_diverged_candidates_leave_the_stack(monkeypatch):
@@ -589,6 +644,7 @@ def test_plot_copes_with_diverged_runs_and_a_sweep_that_learned_nothing():
         ({"num_inits": 0}, "num_inits"),
         ({"rule": "vibes"}, "rule"),
         ({"margin": 0.5}, "margin"),
+        ({"margin": "adaptive"}, "margin"),
         ({"epsilon": 0.0}, "epsilon"),
         ({"vectorize": 1}, "vectorize"),
         ({"anchor": "chaos"}, "anchor"),
