@@ -65,7 +65,7 @@ from tasks import HELD_OUT, TASKS, Task  # noqa: E402
 
 import lightning_chaos  # noqa: E402
 from lightning_chaos import ChaosLRFinder, find_chaos_lr  # noqa: E402
-from lightning_chaos.finder import MARGIN, auto_margin  # noqa: E402
+from lightning_chaos.finder import ADAPTIVE_MARGIN, MARGIN, auto_margin  # noqa: E402
 
 NEVER = math.inf
 DEFAULT_MARGIN = inspect.signature(ChaosLRFinder).parameters["margin"].default  # the README table's
@@ -158,10 +158,11 @@ def measure_suggestions(task: Task, data: dict, finder: dict, floor: float, marg
     anchors at every margin) that ``data["runs"]`` lacks; below ``floor`` taken as never without running."""
     seed = finder["seed"]
     wanted = [finder["chaos"]["suggestion"], finder["lrfind"]["suggestion"], task.default_lr]
-    for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin
+    for anchor in ("onset", "trainability_edge"):  # both anchors' suggestions at every margin and at the default
         sweep = anchored_sweep(finder, anchor)
         if sweep is not None and sweep.get(anchor) is not None:
-            wanted += [sweep[anchor] / m for m in margins]
+            default = default_margin(task) if anchor == "trainability_edge" else MARGIN
+            wanted += [sweep[anchor] / m for m in [*margins, default]]
     for lr in wanted:
         key = _key(lr, seed) if lr is not None else None
         if key is None or key in data["runs"]:
@@ -772,7 +773,8 @@ def main() -> None:
     print("Both anchors at every margin (τ median over seeds, ratio to the best grid τ):")
     print(anchor_table(results, args.margins))
     print()
-    print(f"The README's table (the default margin, {DEFAULT_MARGIN}):")
+    print(f"The README's table (the default margin, {DEFAULT_MARGIN!r}: {ADAPTIVE_MARGIN:g} below the top of the"
+          f" learning band under adaptive optimizers, else {MARGIN:g}):")
     print(readme_table(results))
     print()
     print("The finder's sweep, seed 0:")

@@ -236,7 +236,8 @@ class ChaosLRFinder(Callback):
         rule: onset rule, ``"efold"`` (default), ``"baseline"`` or ``"positive"``.
         margin: factor ≥ 1 to step back below the anchor, or ``"auto"`` (default): 2.5 below the top of the learning
             band under an adaptive optimizer (torch's Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad,
-            Adadelta, SparseAdam, Adafactor, or a subclass: ``ADAPTIVE_OPTIMIZERS``), 1.5 otherwise and below the
+            Adadelta, SparseAdam, Adafactor, or a subclass: ``lightning_chaos.finder.ADAPTIVE_OPTIMIZERS``), 1.5
+            otherwise (a wrapper such as ``ZeroRedundancyOptimizer`` included) and below the
             onset. ``result.margin`` says which was taken. 1.5 was chosen for the onset anchor on five tasks (1
             overshot into divergence) and kept for the band's top, where below it τ grows about like 1/η, so the
             margin is roughly what it costs. Under adaptive optimizers the loss after the window keeps improving past
@@ -325,7 +326,7 @@ class ChaosLRFinder(Callback):
         if anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS}, got {anchor!r}")
         check_vectorize(vectorize)
-        if margin != "auto" and (
+        if not (isinstance(margin, str) and margin == "auto") and (
             isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 1 <= margin < math.inf
         ):
             raise ValueError(f"`margin` must be 'auto' or a finite number >= 1, got {margin!r}")
@@ -755,15 +756,14 @@ class ChaosLRFinder(Callback):
     def _report(trainer: Trainer, result: ChaosLRFinderResult) -> None:
         if result.suggestion is not None:
             if result.anchor == "trainability":
-                onset = "" if result.onset is None else f"; anchor='onset' would step back from lr={result.onset:.3g}"
-                found = f"top of the learning band at lr={result.trainability_edge:.3g}{onset}"
+                found = f"top of the learning band at lr={result.trainability_edge:.3g}"
+                other = "" if result.onset is None else f"; anchor='onset' would step back from lr={result.onset:.3g}"
             else:
                 where = "still learning there" if result.learning_at_onset else "where learning also fails"
-                found = f"onset of chaos at lr={result.onset:.3g} ({where})"
+                found, other = f"onset of chaos at lr={result.onset:.3g} ({where})", ""
             rank_zero_info(
-                f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g}, {result.margin:g}x below"
-                f" ({len(result.lrs)} learning rates,"
-                f" {result.seconds:.1f} s)."
+                f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g}, {result.margin:g}x below it{other}"
+                f" ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
             )
         if not trainer.is_global_zero:
             return

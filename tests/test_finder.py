@@ -412,7 +412,7 @@ def test_auto_margin_steps_back_further_under_an_adaptive_optimizer(optimizer, m
             min_lr=0.01, max_lr=20.0, num_lrs=10, steps_per_lr=40, margin=margin, anchor=anchor,
         )
     assert result.margin == expected
-    assert any(f"{expected:g}x below" in record.getMessage() for record in caplog.records)  # the one-line summary
+    assert any(f"{expected:g}x below it" in record.getMessage() for record in caplog.records)  # the summary line
     edge = result.trainability_edge if anchor == "trainability" else result.onset
     assert edge is not None and result.suggestion == pytest.approx(edge / expected, rel=1e-12)
     assert model.lr == result.suggestion
@@ -645,6 +645,7 @@ def test_plot_copes_with_diverged_runs_and_a_sweep_that_learned_nothing():
         ({"rule": "vibes"}, "rule"),
         ({"margin": 0.5}, "margin"),
         ({"margin": "adaptive"}, "margin"),
+        ({"margin": None}, "margin"),
         ({"epsilon": 0.0}, "epsilon"),
         ({"vectorize": 1}, "vectorize"),
         ({"anchor": "chaos"}, "anchor"),

@@ -190,8 +190,9 @@ def trainability_edge_suggestion(
     all" (ratio < 0.95) is too lenient: near divergence a run can lower its loss by 10-20 % in the window and then
     never reach a good accuracy (seen on a small CNN on Fashion-MNIST).
 
-    Why this anchor (the finder's default): on 14 of 15 benchmark tasks (benchmarks/FINDER_RESULTS.md) the fastest η
-    sat at or just below the largest η that still learns well, and the trajectory was already chaotic there. On tanh
+    Why this anchor (the finder's default): on 14 of the first 15 benchmark tasks (benchmarks/FINDER_RESULTS.md) the
+    fastest η sat at or just below the largest η that still learns well (under adaptive optimizers 2–3× below it),
+    and the trajectory was already chaotic there. On tanh
     networks under SGD the onset of chaos coincides with that edge. On ReLU MLPs and under Adam the onset lies far
     below it, and :func:`edge_of_chaos_suggestion` suggests too small an η. On CNNs whose initial loss plateau is
     already chaotic the onset rule falls back to the first failing η above the band, and its suggestion can land
