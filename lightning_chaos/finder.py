@@ -174,7 +174,8 @@ class ChaosLRFinderResult:
                               label=f"top of learning band {self.trainability_edge:.3g}" if labelled else None)
             if self.suggestion is not None:
                 panel.axvline(self.suggestion, color="tab:green", lw=2,
-                              label=f"suggestion {self.suggestion:.3g} ({self.anchor})" if labelled else None)
+                              label=f"suggestion {self.suggestion:.3g} ({self.anchor} / {self.margin:g})"
+                              if labelled else None)
         panels[-1].set_xlabel("learning rate η")
         ax.legend(loc="upper left", fontsize=7)
         ax.set_title("ChaosLRFinder sweep: Λ(η), and the loss ratio the learning band is read from")

@@ -605,6 +605,8 @@ def test_plot_draws_without_a_display():
     threshold = 1.25 * result.loss_ratio[result.learning].min().item()
     assert any(list(line.get_ydata()) == [threshold, threshold] for line in loss_ax.lines)
     assert {result.trainability_edge, result.suggestion, result.onset} <= _vertical_lines(loss_ax)
+    labels = ax.get_legend_handles_labels()[1]
+    assert f"suggestion {result.suggestion:.3g} (trainability / 1.5)" in labels  # the step back it took
     # Into a given axes, only the exponent panel.
     _, single = plt.subplots()
     assert result.plot(ax=single) is single.figure and len(single.figure.axes) == 2  # the Λ axes and its ρ twin
