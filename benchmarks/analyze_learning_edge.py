@@ -89,7 +89,8 @@ def main() -> None:
 
 
 RECORD_FILES = (  # the table of record: runs 4 and 5, seeds 0-19 of every task
-    "finder_run4_cpu.json.gz", "finder_run4_fashion_cnn_cpu.json.gz", "finder_run5a_cpu.json.gz", "finder_run5b_cpu.json.gz",
+    "finder_run4_cpu.json.gz", "finder_run4_fashion_cnn_cpu.json.gz",
+    "finder_run5a_cpu.json.gz", "finder_run5b_cpu.json.gz",
 )
 
 

@@ -58,7 +58,9 @@ MARGIN = 1.5
 ADAPTIVE_MARGIN = 2.5
 ADAPTIVE_OPTIMIZERS = tuple(
     getattr(torch.optim, name)
-    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor")
+    for name in (
+        "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor"
+    )
     if hasattr(torch.optim, name)  # Adafactor came with torch 2.5
 )
 
@@ -238,12 +240,12 @@ class ChaosLRFinder(Callback):
         margin: factor ≥ 1 to step back below the anchor, or ``"auto"`` (default): 2.5 below the top of the learning
             band under an adaptive optimizer (torch's Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad,
             Adadelta, SparseAdam, Adafactor, or a subclass: ``lightning_chaos.finder.ADAPTIVE_OPTIMIZERS``), 1.5
-            otherwise (a wrapper such as ``ZeroRedundancyOptimizer`` included) and below the
+            otherwise (also for a wrapper such as ``ZeroRedundancyOptimizer``, whatever it wraps) and below the
             onset. ``result.margin`` says which was taken. 1.5 was chosen for the onset anchor on five tasks (1
-            overshot into divergence) and kept for the band's top, where below it τ grows about like 1/η, so the
-            margin is roughly what it costs. Under adaptive optimizers the loss after the window keeps improving past
-            the fastest η, so the band's top lies 2–3× above it: 1.5 overshot to 1.31× the best τ on Adam's digits
-            MLP. 2.5 was chosen on the two Adam tasks and then passed a rule fixed before five held-out adaptive
+            overshot into divergence) and kept for the band's top, below which τ grows about like 1/η under SGD, so
+            the margin is roughly what it costs. Under adaptive optimizers the loss after the window keeps improving
+            past the fastest η, so the band's top lies 2–3× above it: 1.5 overshot to 1.31× the best τ on Adam's
+            digits MLP. 2.5 was chosen on the two Adam tasks and then passed a rule fixed before five held-out adaptive
             tasks were run (worst 1.23× there, against 1.32× at 1.5; benchmarks/FINDER_RESULTS.md). An optimizer
             this list does not know (a third-party one, say) gets 1.5: pass ``margin=2.5`` if it is adaptive.
         refine: extra grid points next to the anchor: just above the top of the learning band, or between the last
@@ -344,7 +346,7 @@ class ChaosLRFinder(Callback):
         self.epsilon = float(epsilon)
         self.renormalize_every = renormalize_every
         self.rule = rule
-        self.margin = margin if margin == "auto" else float(margin)
+        self.margin = margin if isinstance(margin, str) else float(margin)
         self._onset_margin = self._edge_margin = MARGIN  # resolved from the optimizer at each sweep
         self.refine = refine
         self.attr_name = attr_name

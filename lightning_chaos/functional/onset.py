@@ -192,11 +192,10 @@ def trainability_edge_suggestion(
 
     Why this anchor (the finder's default): on 14 of the first 15 benchmark tasks (benchmarks/FINDER_RESULTS.md) the
     fastest η sat at or just below the largest η that still learns well (under adaptive optimizers 2–3× below it),
-    and the trajectory was already chaotic there. On tanh
-    networks under SGD the onset of chaos coincides with that edge. On ReLU MLPs and under Adam the onset lies far
-    below it, and :func:`edge_of_chaos_suggestion` suggests too small an η. On CNNs whose initial loss plateau is
-    already chaotic the onset rule falls back to the first failing η above the band, and its suggestion can land
-    where training never reaches a good accuracy.
+    and the trajectory was already chaotic there. On tanh networks under SGD the onset of chaos coincides with that
+    edge. On ReLU MLPs and under Adam the onset lies far below it, and :func:`edge_of_chaos_suggestion` suggests too
+    small an η. On CNNs whose initial loss plateau is already chaotic the onset rule falls back to the first failing η
+    above the band, and its suggestion can land where training never reaches a good accuracy.
 
     Defaults: ``tolerance`` 1.25 was set on eight tasks and tested on seven more. ``margin`` 1.5 was chosen for the
     onset anchor on five tasks and kept. Below the edge τ grows about like 1/η under SGD, so ``margin`` is also
@@ -208,9 +207,8 @@ def trainability_edge_suggestion(
     optimizers), the edge lies 2–3× above the fastest η, and edge/1.5 cost 1.31× the best τ on the digits MLP under
     Adam and 1.32× on a Fashion-MNIST MLP under AdamW (the finder's ``margin="auto"`` steps back by 2.5 there). Where
     the edge sits at the fastest η, a large margin costs what it steps back (1.23× on a deep ReLU MLP under Adam at
-    2.5). A window too short for the loss to
-    separate the η (``steps_per_lr``) blurs the band's top. The loss ratio is measured on the training batches of the
-    window, so a band top set by overfitting would not show.
+    2.5). A window too short for the loss to separate the η (``steps_per_lr``) blurs the band's top. The loss ratio
+    is measured on the training batches of the window, so a band top set by overfitting would not show.
 
     Reference: the same idea as the LR range test (L. N. Smith, "Cyclical learning rates for training neural
     networks", WACV 2017, arXiv:1506.01186), which reads the usable learning rates off the loss, but with a fixed
