@@ -38,6 +38,7 @@ gains nothing from a second thread on these models and loses a lot when the othe
 
 import argparse
 import contextlib
+import functools
 import gzip
 import inspect
 import io
@@ -71,9 +72,10 @@ NEVER = math.inf
 DEFAULT_MARGIN = inspect.signature(ChaosLRFinder).parameters["margin"].default  # the README table's
 
 
+@functools.lru_cache(maxsize=None)
 def default_margin(task: Task) -> float:
     """The finder's default step back below the top of the learning band on ``task`` (``"auto"`` resolved by the
-    task's optimizer)."""
+    task's optimizer, built once per task)."""
     if DEFAULT_MARGIN != "auto":
         return float(DEFAULT_MARGIN)
     return auto_margin(task.make_model(task.default_lr).configure_optimizers())
