@@ -23,6 +23,8 @@ LOCAL_EXPONENT = f"{PREFIX}/lyapunov/local"
 LOCAL_EXPONENT_R2 = f"{PREFIX}/lyapunov/local_r2"
 TIME_TO_TARGET = f"{PREFIX}/time_to_target"
 EXPONENT_HISTOGRAM = f"{PREFIX}/local_exponents"
+SENTINEL_DRIFT = f"{PREFIX}/sentinel/max_drift"
+TRUSTED = f"{PREFIX}/trusted"
 
 
 def shadow_distance_tag(index: int) -> str:

@@ -17,12 +17,20 @@ from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
+from lightning_chaos.mirror import TRAINING_HOOKS, BatchContext, overridden_hooks
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, RngState, ShadowEnsemble, capture_rng_state
 from lightning_chaos.vectorized import check_vectorize, worth_vectorizing
 
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
+# The unit roundoff of the precision the forward and backward run in, where it is coarser than the weights' dtype.
+_COMPUTE_ROUNDOFF = {"bf16": 2.0**-8, "16": 2.0**-11}
+# The sentinel's tolerance where bit identity is not expected (batched kernels, compiled real model, CUDA): the twin's
+# relative drift must stay below this fraction of the shadows' relative initial separation.
+_SENTINEL_TOLERANCE = 1e-2
+_CALLBACK_TRAINING_HOOKS = ("on_train_epoch_start", "on_train_batch_start", "on_before_zero_grad", "on_before_backward",
+                            "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end")
 
 
 def _log_or_nan(value: float) -> float:
@@ -96,6 +104,13 @@ class ChaosProbe(Callback):
         stop_step: the optimizer step after which the shadows are released (their parameters and optimizer state
             freed); the results and logs stay. ``None``: probe until the end of training. Logged metrics are
             plotted at the real model's step either way.
+        sentinel_steps: for this many optimizer steps after the shadows attach, an unperturbed twin (δ = 0) is
+            stepped exactly like the shadows and compared with the real model. It must stay bit-identical on the
+            one-at-a-time path (within 1 % of ε on the batched path, for a compiled model or on CUDA): a drift means
+            something changed the real training that the shadows did not repeat (a callback that writes the weights,
+            say). The probe then warns, naming the step and the hooks and callbacks that ran, and marks its results
+            untrusted (:attr:`trusted`, the summary, ``chaos/trusted``). Costs one more shadow during the window and
+            nothing after it; 0 turns it off.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -132,6 +147,7 @@ class ChaosProbe(Callback):
         vectorize: Union[bool, str] = "auto",
         start_step: int = 0,
         stop_step: Optional[int] = None,
+        sentinel_steps: int = 8,
     ) -> None:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
             raise ValueError(f"`epsilon` must be a finite number >= 0, got {epsilon!r}")
@@ -156,6 +172,8 @@ class ChaosProbe(Callback):
             isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step <= start_step
         ):
             raise ValueError(f"`stop_step` must be None or an integer > start_step={start_step}, got {stop_step!r}")
+        if isinstance(sentinel_steps, bool) or not isinstance(sentinel_steps, int) or sentinel_steps < 0:
+            raise ValueError(f"`sentinel_steps` must be an integer >= 0, got {sentinel_steps!r}")
         check_seed("seed", seed)
         check_flag("relative", relative)
         check_flag("perturb_biases", perturb_biases)
@@ -189,6 +207,7 @@ class ChaosProbe(Callback):
         self.vectorize = vectorize
         self.start_step = start_step
         self.stop_step = stop_step
+        self.sentinel_steps = sentinel_steps
 
         self._ensemble: Optional[ShadowEnsemble] = None
         self._restored: Optional[dict[str, Any]] = None
@@ -208,7 +227,11 @@ class ChaosProbe(Callback):
         self._logs_written = 0
         self._last_logged_step: Optional[int] = None
         self._rng_state: Optional[RngState] = None
-        self._step_hyperparameters: Optional[list[dict[str, Any]]] = None
+        self._changes: Optional[list[dict[str, Any]]] = None
+        self._drifts: list[Tensor] = []  # the twin's relative drift after each step of the sentinel's window
+        self._sentinel: Optional[dict[str, Any]] = None
+        self._sentinel_exact = True
+        self._short_run_reported = False
 
     def _reset_clock(self) -> None:
         """Time-to-target runs from the start of training (restarted in ``on_train_start``), whenever the shadows
@@ -293,6 +316,28 @@ class ChaosProbe(Callback):
         """None, or ``{"step", "epoch", "seconds"}`` when ``monitor`` first reached ``target``."""
         return None if self._time_to_target is None else dict(self._time_to_target)
 
+    @property
+    def shadow_modules(self) -> list[LightningModule]:
+        """The K shadow LightningModules now (empty before they attach and after ``stop_step`` releases them)."""
+        return list(self._ensemble.shadows) if self._ensemble is not None else []
+
+    @property
+    def shadow_optimizers(self) -> list[Optimizer]:
+        """Each shadow's own optimizer, in the order of :attr:`shadow_modules`."""
+        return list(self._ensemble.optimizers) if self._ensemble is not None else []
+
+    @property
+    def sentinel(self) -> Optional[dict[str, Any]]:
+        """The sentinel's report once its window ended: ``steps`` checked, ``max_drift`` (the twin's relative
+        distance from the real model), ``tolerance`` (0: bit identity expected), ``exact``, ``trusted``, and
+        ``first_drift_step`` (None if it never drifted). None before, or with ``sentinel_steps=0``."""
+        return None if self._sentinel is None else dict(self._sentinel)
+
+    @property
+    def trusted(self) -> bool:
+        """False when the sentinel saw the shadows fail to repeat the real training (see ``sentinel_steps``)."""
+        return self._sentinel is None or bool(self._sentinel["trusted"])
+
     # -- Lightning hooks ------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -367,13 +412,14 @@ class ChaosProbe(Callback):
                 shadow_states=None if restored is None else restored["shadows"],
                 grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
                 vectorize=self._should_vectorize(trainer, pl_module),
+                twin=self.sentinel_steps > 0 and restored is None,
             )
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None
             self._disable(f"ChaosProbe could not clone the model into shadows: {error!r}")
             return
         self._reset_measurements()
-        self._warn_about_precision(pl_module)
+        self._warn_about_precision(trainer, pl_module)
         if restored is not None:
             self._load_measurements(restored)
             return
@@ -391,31 +437,48 @@ class ChaosProbe(Callback):
             self._attach(trainer, pl_module, None)
         if self._active:
             self._rng_state = capture_rng_state(pl_module.device)
+            self._guarded(self._ensemble.capture_outside)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        # Step-interval schedulers run before on_train_batch_end: read this step's hyperparameters now.
+        # Step-interval schedulers run before on_train_batch_end: read what was set from outside the step now.
         if self._active:
-            self._step_hyperparameters = [
-                {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
-            ]
+            self._changes = self._guarded(self._ensemble.optimizer_sync.changes)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._active or self._rng_state is None:
             return
-        try:
-            self._lockstep(trainer, pl_module, batch, batch_idx)
-        except Exception as error:  # a fault in the probe must never stop the user's training
-            self._disable(f"ChaosProbe stopped probing after an error in a shadow step: {error!r}")
+        self._guarded(self._lockstep, trainer, pl_module, batch, batch_idx)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._check_target(trainer)
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._mirror_epoch_hook("on_train_epoch_start", pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._mirror_epoch_hook("on_train_epoch_end", pl_module)
+        self._check_target(trainer)
+
+    # An optimizer with a train/eval mode (schedule-free) is switched around validation by the user's hooks.
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_modes()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_modes()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_modes()
         self._check_target(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_sentinel(trainer)
+        attached = (self._ensemble is not None or self._stopped) and not self._disabled
+        if self._steps < _MIN_FIT_POINTS and not self._short_run_reported and attached:
+            self._short_run_reported = True
+            rank_zero_warn(
+                f"ChaosProbe: only {self._steps} optimizer step(s) were probed (fast_dev_run, max_steps or"
+                f" limit_train_batches): at least {_MIN_FIT_POINTS} are needed to fit an exponent, so the exponents are"
+                " NaN. Train longer to measure."
+            )
         if self._steps == 0:
             return
         self._log(trainer, final=True)
@@ -439,6 +502,7 @@ class ChaosProbe(Callback):
             "alive": list(self._alive),
             "time_to_target": self._time_to_target,
             "elapsed_seconds": self._elapsed_seconds(),
+            "sentinel": self._sentinel,
         }
         if self._stopped:
             return {**state, "stopped": True, "running_exponents": self._final_running}
@@ -454,6 +518,7 @@ class ChaosProbe(Callback):
         self._steps = state["steps"]
         self._attach_step = state.get("attach_step", 0)
         self._history = [state["distances"].to(torch.float64)]
+        self._sentinel = state.get("sentinel")
         if state.get("stopped"):
             self._stopped = True
             self._final_running = state["running_exponents"]
@@ -468,34 +533,111 @@ class ChaosProbe(Callback):
         return self._ensemble is not None and not (self._disabled or self._stopped)
 
     def _lockstep(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        ensemble = self._ensemble
-        ensemble.forward_backward(
-            batch,
-            batch_idx,
-            self._rng_state,
-            pl_module.device,
-            trainer.accumulate_grad_batches,
-            step_context=trainer.precision_plugin.train_step_context,
-            alive=self._alive,
-        )
-        self._rng_state = None
-        hyperparameters, self._step_hyperparameters = self._step_hyperparameters, None
-        if hyperparameters is None:  # accumulating: the real optimizer did not step on this batch
+        loop = trainer.fit_loop.epoch_loop.automatic_optimization
+        if loop._skip_backward:
+            self._stop(trainer, reason=(
+                "the Trainer runs training batches without backward from here (StochasticWeightAveraging's BatchNorm"
+                " update on the averaged weights): the real model is no longer trained, so there is nothing to compare"
+            ))
             return
-
-        clip = ensemble.gradient_clipper(trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-        if trainer.world_size > 1:  # DDP averaged the real gradients; the shadows' are the callback's job
-            ensemble.all_reduce_gradients(trainer.world_size, alive=self._alive)
-        ensemble.optimizer_step(hyperparameters, clip_gradients=clip, alive=self._alive)
+        changes, self._changes = self._changes, None
+        context = BatchContext(
+            batch_idx=batch_idx,
+            epoch=trainer.current_epoch,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            optimizer_steps=changes is not None,
+            step_context=trainer.precision_plugin.train_step_context,
+            clip_val=trainer.gradient_clip_val,
+            clip_algorithm=trainer.gradient_clip_algorithm,
+            world_size=trainer.world_size,
+        )
+        ensemble = self._ensemble
+        batched = ensemble.vectorized
+        distances = ensemble.run_batch(batch, context, self._rng_state, pl_module.device, changes, alive=self._alive)
+        self._rng_state = None
+        if distances is None:  # accumulating: the real optimizer did not step on this batch
+            return
         self._steps += 1
-        distances = ensemble.distances()
         self._pending.append(distances)
+        if ensemble.has_twin:
+            self._sentinel_exact &= not batched and not ensemble.vectorized
+            self._drifts.append(ensemble.twin_drift())
+            if len(self._drifts) >= self.sentinel_steps:
+                self._finish_sentinel(trainer)
         if self.renormalize_every is not None and self._steps % self.renormalize_every == 0:
             ensemble.pull_back(distances)
         if self._steps % self._log_interval(trainer) == 0:
             self._log(trainer)
         if self.stop_step is not None and trainer.global_step >= self.stop_step:
             self._stop(trainer)
+
+    def _guarded(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn``; a fault inside the probe disables it with a warning and never reaches the user's training."""
+        try:
+            return fn(*args)
+        except Exception as error:
+            self._disable(f"ChaosProbe stopped probing after an error in a shadow step: {error!r}")
+            return None
+
+    def _mirror_epoch_hook(self, hook: str, pl_module: LightningModule) -> None:
+        if self._active:
+            self._guarded(self._ensemble.sync_optimizer_modes)
+            self._guarded(self._ensemble.epoch_hook, hook, capture_rng_state(pl_module.device), pl_module.device,
+                          self._alive)
+
+    def _sync_modes(self) -> None:
+        if self._active:
+            self._guarded(self._ensemble.sync_optimizer_modes)
+
+    def _finish_sentinel(self, trainer: Trainer) -> None:
+        """End the sentinel's window: compare the twin's drift with what the path promises, report, free the twin."""
+        ensemble = self._ensemble
+        if ensemble is None or not ensemble.has_twin:
+            return
+        drifts = torch.stack(self._drifts).double().cpu() if self._drifts else torch.zeros(0, dtype=torch.float64)
+        self._drifts = []
+        exact = self._sentinel_exact and not ensemble.compiled and (
+            ensemble.real_params[0].device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
+        )
+        separation = (ensemble.initial_distance.double().mean() / ensemble.reference_norm().double()).item()
+        tolerance = 0.0 if exact else _SENTINEL_TOLERANCE * (separation if separation > 0 else 1e-4)
+        bad = (~(drifts <= tolerance)).nonzero().flatten()
+        first_bad = int(bad[0]) + 1 if len(bad) else None
+        self._sentinel = {
+            "steps": len(drifts),
+            "max_drift": drifts.max().item() if len(drifts) else 0.0,
+            "tolerance": tolerance,
+            "exact": exact,
+            "trusted": first_bad is None,
+            "first_drift_step": None if first_bad is None else self._attach_step + first_bad,
+        }
+        ensemble.drop_twin()
+        chaos_logging.log_metrics(
+            trainer,
+            {chaos_logging.SENTINEL_DRIFT: self._sentinel["max_drift"],
+             chaos_logging.TRUSTED: float(self._sentinel["trusted"])},
+            self._attach_step + self._steps,
+        )
+        if first_bad is not None:
+            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), exact))
+
+    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, exact: bool) -> str:
+        module = trainer.lightning_module
+        hooks = overridden_hooks(module, TRAINING_HOOKS)
+        callbacks = [
+            type(c).__name__ for c in trainer.callbacks
+            if not isinstance(c, ChaosProbe)
+            and any(getattr(type(c), h) is not getattr(Callback, h) for h in _CALLBACK_TRAINING_HOOKS)
+        ]
+        expected = "bit-identical" if exact else f"within {_SENTINEL_TOLERANCE:g} of ε"
+        return (
+            f"ChaosProbe: the unperturbed twin left the real model at optimizer step {self._attach_step + step}"
+            f" (relative drift {drift:.3g}; it must stay {expected}), so the shadows do not repeat everything the real"
+            f" training does: their numbers are UNTRUSTED. Hooks of {type(module).__name__} that ran:"
+            f" {', '.join(hooks) or 'none overridden'}; callbacks acting on the training: {', '.join(callbacks) or 'none'}."
+            " A callback that changes the weights or the optimizer outside the optimizer step is the usual cause; with"
+            " `vectorize=True` or 'auto', try `vectorize=False`."
+        )
 
     def _should_vectorize(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         if self.vectorize != "auto":
@@ -508,15 +650,19 @@ class ChaosProbe(Callback):
             return False
         return worth_vectorizing(pl_module, self.num_shadows)
 
-    def _stop(self, trainer: Trainer) -> None:
-        """At ``stop_step``: log, keep the results, and free the shadows' parameters and optimizer state."""
+    def _stop(self, trainer: Trainer, reason: Optional[str] = None) -> None:
+        """At ``stop_step`` (or when the real training stops being one the shadows can follow, ``reason``): log, keep
+        the results, and free the shadows' parameters and optimizer state."""
+        self._finish_sentinel(trainer)
         self._log(trainer)
         self._final_running = self.running_exponents
         self._stopped = True
         self._ensemble.release()
-        rank_zero_info(
-            f"ChaosProbe: stopped at step {trainer.global_step} after {self._steps} probed steps; shadows released."
-        )
+        message = f"ChaosProbe: stopped at step {trainer.global_step} after {self._steps} probed steps; shadows released."
+        if reason is None:
+            rank_zero_info(message)
+        else:
+            rank_zero_warn(f"{message} Why: {reason}. The results up to here stay.")
 
     def _log_interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps or 1
@@ -624,9 +770,21 @@ class ChaosProbe(Callback):
     def _elapsed_seconds(self) -> float:
         return self._elapsed_before_resume + time.monotonic() - self._start_time
 
-    def _warn_about_precision(self, pl_module: LightningModule) -> None:
+    def _warn_about_precision(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dtype = next(p.dtype for p in pl_module.parameters())
         unit_roundoff = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+        compute = next((u for key, u in _COMPUTE_ROUNDOFF.items() if str(trainer.precision).startswith(key)), None)
+        if self.epsilon > 0 and compute is not None and compute > unit_roundoff:
+            separation = (self._ensemble.initial_distance.double().mean() / self._ensemble.reference_norm().double())
+            if separation.item() < 10 * compute:
+                suggested = float(f"{10 * compute:.0e}")
+                rank_zero_warn(
+                    f"ChaosProbe: precision={trainer.precision!r} runs the forward and backward with a unit roundoff of"
+                    f" {compute:.1e}, and epsilon={self.epsilon:g} displaces the weights by only"
+                    f" {separation.item():.1e} of their norm: most of δ is rounded away in the forward pass and d(t)"
+                    f" measures rounding. Use `ChaosProbe(epsilon={suggested:g})` (relative) or probe a 32-bit run."
+                )
+                return
         if 0 < self.epsilon < 100 * unit_roundoff and self.perturbation.relative:
             rank_zero_warn(
                 f"ChaosProbe: epsilon={self.epsilon:g} is within 100 rounding steps of {dtype} (unit roundoff"
@@ -662,6 +820,15 @@ class ChaosProbe(Callback):
             mean = finite.mean().item()
             spread = f" ± {finite.std(unbiased=False).item():.2e}" if finite.numel() > 1 else ""
             lines.append(f"  mean     {mean:+.4e}{spread}: {regime(mean, self._steps)} over {self._steps} steps")
+        if self._sentinel is not None:
+            report = self._sentinel
+            if report["trusted"]:
+                kind = "bit-identical" if report["exact"] else f"max relative drift {report['max_drift']:.1e}"
+                lines.append(f"  sentinel: the unperturbed twin followed the real model for {report['steps']} steps"
+                             f" ({kind})")
+            else:
+                lines.append(f"  UNTRUSTED: the unperturbed twin left the real model at step"
+                             f" {report['first_drift_step']} (see the warning)")
         if self.monitor is not None:
             if self._time_to_target is None:
                 lines.append(f"  {self.monitor} never reached {self.target}")

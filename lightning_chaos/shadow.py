@@ -5,6 +5,7 @@ what the real model saw (batch, RNG state, hyperparameters, clipping) and when t
 """
 
 import copy
+import inspect
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -16,10 +17,20 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_chaos.functional.distance import flat_norm, parameter_distance
+from lightning_chaos.mirror import (
+    BatchContext,
+    ModuleSync,
+    OptimizerSync,
+    ShadowOptimizer,
+    all_reduce_mean,
+    bind_optimizers,
+    mirroring_blocker,
+    run_batch,
+)
 from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker
 
 DISTRIBUTIONS = ("uniform", "normal")
@@ -145,15 +156,70 @@ class _ShadowTrainerView:
         object.__setattr__(self, name, value)  # kept on the view: the real trainer is not touched
 
 
+def _uncompiled(module: nn.Module) -> None:
+    """Make a deep copy run eagerly, with its own parameters.
+
+    ``torch.compile`` leaves wrappers that a deep copy keeps bound to the *real* module: Lightning's ``from_compiled``
+    sets ``forward``/``training_step``/... as instance attributes wrapping the real module's bound methods, an
+    ``OptimizedModule`` (a compiled submodule) holds a ``forward`` wrapping the real ``_orig_mod``, and
+    ``nn.Module.compile()`` a ``_compiled_call_impl`` of the real module. A shadow keeping them would run the real
+    model on the real parameters. Running them through the compiler with the shadow as ``self`` would recompile the
+    real model's code (dynamo guards on ``self``) and change how the real model rounds. So the copy drops them, and
+    any other instance attribute that hides a method of its class, and runs eagerly.
+    """
+    for submodule in module.modules():
+        attributes = submodule.__dict__
+        if isinstance(submodule, torch._dynamo.eval_frame.OptimizedModule):
+            attributes["forward"] = submodule._orig_mod.__call__
+            attributes.pop("_forward", None)
+            continue
+        if attributes.get("_compiled_call_impl") is not None:
+            attributes["_compiled_call_impl"] = None
+        if attributes.get("_compiler_ctx"):
+            attributes["_compiler_ctx"] = None
+        for name in [n for n, v in attributes.items() if callable(v) and not isinstance(v, (nn.Module, Tensor))]:
+            if _bound_elsewhere(attributes[name], submodule) and inspect.isfunction(getattr(type(submodule), name, None)):
+                del attributes[name]
+
+
+def _bound_elsewhere(value: Any, owner: nn.Module) -> bool:
+    """Whether ``value`` (a method, or a wrapper around one: ``__wrapped__``, a closure, a ``partial``) is bound to
+    a module other than ``owner``."""
+    seen = [value, getattr(value, "__wrapped__", None), getattr(value, "func", None)]
+    seen += [cell.cell_contents for cell in getattr(value, "__closure__", None) or () if _has_contents(cell)]
+    return any(
+        isinstance(getattr(v, "__self__", None), nn.Module) and v.__self__ is not owner for v in seen if v is not None
+    )
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` (a LightningModule from ``torch.compile``, or with a compiled submodule) runs compiled code."""
+    return any(
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+        or m.__dict__.get("_compiler_ctx")
+        or m.__dict__.get("_compiled_call_impl") is not None
+        for m in module.modules()
+    )
+
+
 def make_shadow_module(module: LightningModule) -> LightningModule:
-    """Deep copy of ``module`` that runs its ``training_step`` without acting on the user's run.
+    """Deep copy of ``module`` that runs its ``training_step`` and hooks without acting on the user's run.
 
     The copy reads the real trainer (``self.current_epoch``, ``self.trainer`` in a training_step stay meaningful)
     through a view that keeps its writes to itself and gives it dummy loggers; its ``log``/``log_dict`` do nothing;
-    torchmetrics inside it are its own copies.
+    torchmetrics inside it are its own copies; compiled code is replaced by the eager original (:func:`_uncompiled`).
     """
     trainer = module._trainer
     shadow = copy.deepcopy(module)  # LightningModule.__getstate__ drops the trainer reference
+    _uncompiled(shadow)
     if trainer is not None:
         real = trainer._real if isinstance(trainer, _ShadowTrainerView) else trainer
         shadow._trainer = _ShadowTrainerView(real)
@@ -180,6 +246,12 @@ class ShadowEnsemble:
 
     Distances are kept on the device as tensors; nothing here synchronises with the host.
 
+    Two ways to step them. The probe's :meth:`run_batch` mirrors the real run (:mod:`lightning_chaos.mirror`): each
+    shadow goes through the module's own hooks, its ``optimizer_step`` and closure, with its own optimizer, and takes
+    from the real model only what was done to it from outside (flags, modes, param groups, scheduled
+    hyperparameters). The finder's :meth:`forward_backward` and :meth:`optimizer_step` step copies at fixed
+    hyperparameters of its own choosing.
+
     Args:
         module: the real LightningModule (already on its device, in its training precision).
         optimizer: the real optimizer (its state is copied, never shared).
@@ -193,10 +265,12 @@ class ShadowEnsemble:
             non-finite gradients that its own scaler finds.
         vectorize: run the K shadows' training steps as one ``torch.func.vmap`` over stacked parameters
             (:mod:`lightning_chaos.vectorized`) when the module allows. When it does not, known before the first step
-            (:func:`~lightning_chaos.vectorized.vectorization_blocker`) or when a vectorised step raises, the
-            shadows run one at a time from then on and the reason is said once at info level
-            (:attr:`sequential_reason`). Both paths agree to float tolerance, not bit for bit: a batched kernel may
-            sum in another order.
+            (:func:`~lightning_chaos.vectorized.vectorization_blocker`, :func:`mirroring_blocker`) or when a
+            vectorised step raises, the shadows run one at a time from then on and the reason is said once at info
+            level (:attr:`sequential_reason`). Both paths agree to float tolerance, not bit for bit: a batched kernel
+            may sum in another order.
+        twin: add an unperturbed copy (δ = 0), stepped like the shadows but not measured as one: the sentinel
+            (:meth:`twin_drift`) that checks the mirroring on the user's own model. :meth:`drop_twin` frees it.
     """
 
     def __init__(
@@ -210,48 +284,84 @@ class ShadowEnsemble:
         shadow_states: Optional[Sequence[dict[str, Any]]] = None,
         grad_scaler: Optional["torch.amp.GradScaler"] = None,
         vectorize: bool = False,
+        twin: bool = False,
     ) -> None:
         self.norm = norm
         self.perturbation = perturbation
+        self.real_module = module
         self.real_optimizer = optimizer
+        self.num_shadows = num_shadows
+        self.compiled = is_compiled(module)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to probe")
         names = [n for n, _ in named]
+        self.names = names
         self.real_params = [p for _, p in named]
-        self.shadows: list[LightningModule] = [make_shadow_module(module) for _ in range(num_shadows)]
+        self.members: list[LightningModule] = [make_shadow_module(module) for _ in range(num_shadows + int(twin))]
+        self.has_twin = twin
         if shadow_states is not None:
-            for shadow, state in zip(self.shadows, shadow_states):
+            for shadow, state in zip(self.members, shadow_states):
                 shadow.load_state_dict(state["module"])
-        self.stacked: Optional[StackedShadows] = None
-        self.sequential_reason: Optional[str] = None
-        if vectorize:
-            self.sequential_reason = vectorization_blocker(module, self.real_params[0].device)
-            if self.sequential_reason is None:
-                self.stacked = StackedShadows(self.shadows, names)
-            else:
-                rank_zero_info(f"ChaosProbe: running the shadows one at a time: {self.sequential_reason}.")
-        self.optimizers: list[Optimizer] = []
-        self.shadow_params: list[list[Tensor]] = []
-        self.scalers: list[Optional[torch.amp.GradScaler]] = []
-        for k, shadow in enumerate(self.shadows):
+        self.member_optimizers: list[Optimizer] = []
+        self.member_params: list[list[Tensor]] = []
+        self.member_scalers: list[Optional[torch.amp.GradScaler]] = []
+        self.param_maps: list[dict[int, Tensor]] = []
+        self.facades: list[ShadowOptimizer] = []
+        for k, shadow in enumerate(self.members):
             shadow_named = dict(shadow.named_parameters())
             param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
             shadow_optimizer = clone_optimizer(optimizer, param_map)
             scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
-            if shadow_states is not None:
+            if shadow_states is not None and k < len(shadow_states):
                 shadow_optimizer.load_state_dict(copy.deepcopy(shadow_states[k]["optimizer"]))
                 if scaler is not None and shadow_states[k].get("scaler"):
                     scaler.load_state_dict(shadow_states[k]["scaler"])
-            self.scalers.append(scaler)
-            self.optimizers.append(shadow_optimizer)
-            self.shadow_params.append([shadow_named[n] for n in names])
+            self.member_scalers.append(scaler)
+            self.member_optimizers.append(shadow_optimizer)
+            self.member_params.append([shadow_named[n] for n in names])
+            self.param_maps.append(param_map)
+            facade = ShadowOptimizer(shadow_optimizer, shadow, scaler)
+            self.facades.append(facade)
+            if isinstance(shadow._trainer, _ShadowTrainerView):
+                object.__setattr__(shadow._trainer, "optimizers", [shadow_optimizer])
+                object.__setattr__(shadow._trainer, "lr_scheduler_configs", [])
+            bind_optimizers(shadow, facade)
+        self.module_sync = ModuleSync(module)
+        self.optimizer_sync = OptimizerSync(optimizer)
+        self.stacked: Optional[StackedShadows] = None
+        self.sequential_reason: Optional[str] = None
+        if vectorize:
+            self.sequential_reason = vectorization_blocker(module, self.real_params[0].device) or mirroring_blocker(
+                module, optimizer
+            )
+            if self.sequential_reason is None:
+                self.stacked = StackedShadows(self.members, names)
+            else:
+                rank_zero_info(f"ChaosProbe: running the shadows one at a time: {self.sequential_reason}.")
         if shadow_states is None:
             self._perturb(names, generator)
         # Benettin bookkeeping: d(0), the distance right after the last pull-back, and Σ ln(d / d_prev).
         self.initial_distance = self.distances()
         self.previous_distance = self.initial_distance.clone()
         self.log_growth_sum = torch.zeros_like(self.initial_distance)
+
+    @property
+    def shadows(self) -> list[LightningModule]:
+        """The K measured shadows (the twin, if any, is not one)."""
+        return self.members[: self.num_shadows]
+
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        return self.member_optimizers[: self.num_shadows]
+
+    @property
+    def shadow_params(self) -> list[list[Tensor]]:
+        return self.member_params[: self.num_shadows]
+
+    @property
+    def scalers(self) -> list[Optional["torch.amp.GradScaler"]]:
+        return self.member_scalers[: self.num_shadows]
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -284,6 +394,152 @@ class ShadowEnsemble:
             for p, delta in zip(params, deltas):
                 p.add_(delta.to(device=p.device, dtype=p.dtype))
 
+    # -- the mirrored step (the probe) ----------------------------------------------------------------------------
+
+    def capture_outside(self) -> None:
+        """Record the real module's flags at the start of a real batch (see :class:`~lightning_chaos.mirror.ModuleSync`)."""
+        self.module_sync.capture()
+
+    def sync_optimizer_modes(self) -> None:
+        """Switch every member's optimizer mode (schedule-free ``train()``/``eval()``) the way the real one is now."""
+        for optimizer in self.member_optimizers:
+            self.optimizer_sync.sync_mode(optimizer)
+
+    def epoch_hook(self, hook: str, rng_state: RngState, device: torch.device, alive: Optional[list[bool]]) -> None:
+        """The module's ``hook`` (an epoch hook) on every live member, each from the RNG state the real hook sees."""
+        members = [m for k, m in enumerate(self.members) if self._alive(alive, k)]
+        with _preserved_rng(device, rng_state) as replay:
+            for member in members:
+                _set_rng_state(replay, device)
+                getattr(member, hook)()
+
+    def run_batch(
+        self,
+        batch: Any,
+        context: BatchContext,
+        rng_state: RngState,
+        device: torch.device,
+        changes: Optional[list[dict[str, Any]]],
+        alive: Optional[list[bool]] = None,
+    ) -> Optional[Tensor]:
+        """Every live member's training batch, as the real model's went (:func:`~lightning_chaos.mirror.run_batch`).
+
+        Args:
+            changes: what was set on the real optimizer from outside since its last step
+                (:meth:`~lightning_chaos.mirror.OptimizerSync.changes`), replayed before the members step; None on a
+                batch where the real optimizer did not step.
+
+        Returns:
+            The distances ``[K]`` after the step (measured before ``on_train_batch_end``, where the real model is
+            measured too), or None when the real optimizer did not step.
+        """
+        trainable_changed = False
+        for member in self.members:
+            trainable_changed |= self.module_sync.apply(member)
+        if trainable_changed:
+            self._refresh_trainable()
+        if changes is not None:
+            for optimizer, param_map in zip(self.member_optimizers, self.param_maps):
+                self.optimizer_sync.replay(optimizer, changes, param_map)
+        self.sync_optimizer_modes()
+        if self.vectorized:
+            try:
+                return self._run_batch_stacked(batch, context, rng_state, device, alive)
+            except NotVectorizable as error:
+                self._stop_vectorizing(f"a vectorised step failed ({error})")
+        return self._run_batch_sequential(batch, context, rng_state, device, alive)
+
+    def _alive(self, alive: Optional[list[bool]], k: int) -> bool:
+        return alive is None or k >= len(alive) or alive[k]
+
+    def _run_batch_sequential(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
+        distances: list[Tensor] = []
+        with _preserved_rng(device, rng_state) as replay:
+            for k, member in enumerate(self.members):
+                if not self._alive(alive, k):
+                    if k < self.num_shadows:
+                        distances.append(self._distance(k))
+                    continue
+                _set_rng_state(replay, device)
+                outputs, _ = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
+                if k < self.num_shadows:
+                    distances.append(self._distance(k))
+                if outputs is not None:
+                    member.on_train_batch_end(outputs, batch, context.batch_idx)
+        return torch.stack(distances) if context.optimizer_steps else None
+
+    def _run_batch_stacked(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
+        with replayed_rng(rng_state, device):  # under randomness="same" each member draws the real masks
+            losses, grads = self.stacked.forward_backward(
+                batch, context.batch_idx, context.step_context, context.accumulate_grad_batches,
+                self._loss_scales(device),
+            )
+            after = capture_rng_state(device)
+        first = context.batch_idx % context.accumulate_grad_batches == 0
+        members = range(len(self.members))
+        self.take_gradients(grads, members, first and not context.skip_backward, alive)
+        if context.optimizer_steps and context.world_size > 1:
+            self.all_reduce_gradients(context.world_size, alive)
+        distances: list[Tensor] = []
+        with _preserved_rng(device, after) as replay:
+            for k, member in enumerate(self.members):
+                live = self._alive(alive, k)
+                if live:
+                    _set_rng_state(replay, device)
+                    loss = losses[k] / context.accumulate_grad_batches
+                    member.on_after_backward()
+                    if context.optimizer_steps:
+                        self.facades[k].context = context
+                        member.optimizer_step(context.epoch, context.batch_idx, self.facades[k], lambda loss=loss: loss)
+                if k < self.num_shadows:
+                    distances.append(self._distance(k))
+                if live:
+                    member.on_train_batch_end({"loss": losses[k] / context.accumulate_grad_batches}, batch,
+                                              context.batch_idx)
+        return torch.stack(distances) if context.optimizer_steps else None
+
+    def _stop_vectorizing(self, reason: str) -> None:
+        self.stacked = None
+        self.sequential_reason = reason
+        rank_zero_info(f"ChaosProbe: running the shadows one at a time from now on: {reason}.")
+
+    def _refresh_trainable(self) -> None:
+        """The real model's set of trainable parameters changed (a finetuning callback unfroze layers): measure over
+        the new set, and restack the batched path over it."""
+        named = [(n, p) for n, p in self.real_module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.real_params = [p for _, p in named]
+        self.member_params = [[dict(m.named_parameters())[n] for n in self.names] for m in self.members]
+        if self.stacked is not None:
+            self.stacked = StackedShadows(self.members, self.names)
+
+    @torch.no_grad()
+    def _distance(self, k: int) -> Tensor:
+        return parameter_distance(self.real_params, self.member_params[k], self.norm)
+
+    @torch.no_grad()
+    def twin_drift(self) -> Optional[Tensor]:
+        """‖θ_twin − θ‖ / ‖θ‖ over the trainable parameters, and the floating buffers (0-dim tensor on the device), or
+        None without a twin. Exactly 0 while the mirroring holds on the one-at-a-time path."""
+        if not self.has_twin:
+            return None
+        twin = self.members[-1]
+        real_buffers = [b for b in self.real_module.buffers() if b.is_floating_point()]
+        twin_buffers = [b for b in twin.buffers() if b.is_floating_point()]
+        drift = parameter_distance(self.real_params + real_buffers, self.member_params[-1] + twin_buffers, self.norm)
+        return drift / self.reference_norm().to(drift).clamp_min(torch.finfo(drift.dtype).tiny)
+
+    def drop_twin(self) -> None:
+        """Free the twin after the sentinel's window (restacking the batched path without it)."""
+        if not self.has_twin:
+            return
+        self.has_twin = False
+        for members in (self.members, self.member_optimizers, self.member_params, self.member_scalers, self.param_maps,
+                        self.facades):
+            del members[-1]
+        if self.stacked is not None:
+            self.stacked = StackedShadows(self.members, self.names)
+
     # -- the lockstep step ----------------------------------------------------------------------------------------
 
     def forward_backward(
@@ -312,9 +568,7 @@ class ShadowEnsemble:
                         batch, batch_idx, step_context, accumulate_grad_batches, self._loss_scales(device)
                     )
             except NotVectorizable as error:
-                self.stacked = None
-                self.sequential_reason = f"a vectorised step failed ({error})"
-                rank_zero_info(f"ChaosProbe: running the shadows one at a time from now on: {self.sequential_reason}.")
+                self._stop_vectorizing(f"a vectorised step failed ({error})")
             else:
                 self.take_gradients(grads, range(len(self.shadows)), zero_grad, alive)
                 return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
@@ -343,10 +597,10 @@ class ShadowEnsemble:
 
     def _loss_scales(self, device: torch.device) -> Optional[Tensor]:
         """Each shadow's GradScaler scale as one tensor [K] (16-mixed), or None."""
-        if all(scaler is None for scaler in self.scalers):
+        if all(scaler is None for scaler in self.member_scalers):
             return None
         one = torch.ones((), device=device)
-        return torch.stack([scaler.scale(one) for scaler in self.scalers])
+        return torch.stack([scaler.scale(one) for scaler in self.member_scalers])
 
     def take_gradients(
         self, grads: Sequence[Optional[Tensor]], rows: Sequence[int], zero_grad: bool, alive: Optional[list[bool]] = None
@@ -356,10 +610,10 @@ class ShadowEnsemble:
 
         The shadows' ``.grad`` become views of the batched gradients: the optimizers, clipping and scalers act on them.
         """
-        for k, (params, row) in enumerate(zip(self.shadow_params, rows)):
+        for k, (params, row) in enumerate(zip(self.member_params, rows)):
             if zero_grad:  # a retired shadow too: its .grad must not keep a whole batched gradient alive
-                self.optimizers[k].zero_grad(set_to_none=True)
-            if alive is not None and not alive[k]:
+                self.member_optimizers[k].zero_grad(set_to_none=True)
+            if not self._alive(alive, k):
                 continue
             for p, grad in zip(params, grads):
                 if grad is None:
@@ -385,27 +639,15 @@ class ShadowEnsemble:
 
         return clip
 
-    @torch.no_grad()
     def all_reduce_gradients(self, world_size: int, alive: Optional[list[bool]] = None) -> None:
-        """Average every shadow's gradients across processes, as DDP does for the real model's, in one all-reduce.
-
-        All shadows' gradients travel in a single flattened buffer: one collective per optimizer step, not one per
-        tensor. With gradient accumulation this runs once, at the step, on the accumulated sums (DDP itself only
-        synchronises on the last micro-batch).
-        """
-        grads = [
-            p.grad
-            for k, params in enumerate(self.shadow_params)
-            if alive is None or alive[k]
-            for p in params
-            if p.grad is not None
-        ]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world_size
-        torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        """Average every live member's gradients across processes, as DDP does for the real model's, in one
+        all-reduce (:func:`~lightning_chaos.mirror.all_reduce_mean`). With gradient accumulation this runs once, at the
+        step, on the accumulated sums (DDP itself only synchronises on the last micro-batch)."""
+        all_reduce_mean(
+            [p.grad for k, params in enumerate(self.member_params) if self._alive(alive, k) for p in params
+             if p.grad is not None],
+            world_size,
+        )
 
     def optimizer_step(
         self,
@@ -518,8 +760,11 @@ class ShadowEnsemble:
 
     def release(self) -> None:
         """Free the shadows (modules, parameters, gradients, optimizer state); the measurement state stays."""
-        self.shadows, self.optimizers, self.shadow_params, self.scalers = [], [], [], []
+        self.members, self.member_optimizers, self.member_params, self.member_scalers = [], [], [], []
+        self.param_maps, self.facades = [], []
+        self.has_twin = False
         self.stacked = None
+        self.optimizer_sync.remove()
 
     # -- checkpointing ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,349 @@
+"""Mirroring: what the real run does to itself, done by every shadow to itself.
+
+A shadow is an independent training from θ + δ only if it goes through everything the real model goes through. Two
+kinds of things happen to the real model, and each has one mechanism here:
+
+* **What the module does to itself** — its ``training_step`` and the hooks of Lightning's automatic optimisation
+  (``on_train_batch_start``, ``on_before_zero_grad``, ``optimizer_zero_grad``, ``on_before_backward``, ``backward``,
+  ``on_after_backward``, ``on_before_optimizer_step``, ``configure_gradient_clipping``, ``optimizer_step`` with its
+  closure, ``on_train_batch_end``, the epoch hooks). :func:`run_batch` runs them in Lightning's order with the shadow as
+  ``self`` and a :class:`ShadowOptimizer` as its optimizer, so a gradient mask, a weight constraint, a hidden-state
+  reset, a warm-up in ``optimizer_step`` or a closure optimizer (LBFGS) acts on the shadow's own state.
+* **What others do to it from outside** — callbacks, LR schedulers and the Trainer: ``requires_grad`` flags and
+  train/eval modes (:class:`ModuleSync`), param groups added and hyperparameters changed between two optimizer
+  steps, and an optimizer's own train/eval mode (:class:`OptimizerSync`). These are copied from the real model and
+  optimizer; what an optimizer changes *inside* its own ``step`` (Prodigy's or D-Adaptation's adaptive step size in
+  the param groups) is left to each shadow's optimizer, so each shadow adapts from its own trajectory.
+
+What neither covers (a callback that writes the real weights, say) is caught by the probe's sentinel, an ε = 0 twin
+checked against the real model during the first steps (:mod:`lightning_chaos.shadow`).
+
+This layer knows torch and a LightningModule's hooks; it knows nothing of callbacks or measurement.
+"""
+
+import copy
+import inspect
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+# Hooks that run inside the forward and backward of a batch: the batched (vmap) path cannot run them per shadow.
+BATCHED_PATH_BLOCKERS = ("on_train_batch_start", "on_before_zero_grad", "optimizer_zero_grad", "on_before_backward",
+                         "backward")
+# The module hooks the Trainer calls during a training batch or epoch, mirrored on every shadow.
+TRAINING_HOOKS = (*BATCHED_PATH_BLOCKERS, "training_step", "on_after_backward", "on_before_optimizer_step",
+                  "configure_gradient_clipping", "optimizer_step", "on_train_batch_end", "on_train_epoch_start",
+                  "on_train_epoch_end", "lr_scheduler_step")
+# Group keys that are not hyperparameters to replay: the parameters, and a mode that has its own protocol.
+_NOT_REPLAYED = ("params", "train_mode")
+
+
+def overridden_hooks(module: LightningModule, hooks: Sequence[str] = TRAINING_HOOKS) -> list[str]:
+    """The hooks among ``hooks`` that ``module``'s class defines itself (not LightningModule's defaults)."""
+    return [name for name in hooks if getattr(type(module), name, None) is not getattr(LightningModule, name, None)]
+
+
+@dataclass
+class BatchContext:
+    """What Lightning knew about the real batch that a shadow's batch must repeat.
+
+    Args:
+        batch_idx: the batch's index in the epoch (decides zero_grad under accumulation).
+        epoch: ``trainer.current_epoch``, passed to ``optimizer_step`` and ``optimizer_zero_grad``.
+        accumulate_grad_batches: the loss is divided by it before backward, as Lightning divides (even by 1).
+        optimizer_steps: the real optimizer stepped on this batch (last micro-batch of an accumulation window).
+        skip_backward: Lightning ran this batch without backward (``fit_loop``'s ``_skip_backward``).
+        step_context: the precision plugin's ``train_step_context``.
+        clip_val, clip_algorithm: the Trainer's gradient clipping arguments.
+        world_size: processes; above 1 (DDP) a shadow's gradients are averaged across them after each backward of
+            a stepping batch, as DDP averages the real model's.
+    """
+
+    batch_idx: int
+    epoch: int
+    accumulate_grad_batches: int
+    optimizer_steps: bool
+    skip_backward: bool = False
+    step_context: Callable[[], AbstractContextManager] = None  # type: ignore[assignment]
+    clip_val: Optional[float] = None
+    clip_algorithm: Optional[str] = None
+    world_size: int = 1
+
+
+class ShadowOptimizer:
+    """What a shadow's hooks receive as the optimizer of ``optimizer_step`` and from ``self.optimizers()``: Lightning's
+    ``LightningOptimizer`` for a shadow.
+
+    ``step(closure)`` does what Lightning's precision plugin does around the real optimizer's step — the closure, then
+    (16-mixed) unscaling, then the shadow's ``on_before_optimizer_step`` and gradient clipping, then the step (through
+    the shadow's own GradScaler, which skips steps with non-finite gradients). It is an instance of the wrapped
+    optimizer's class, as Lightning's wrapper is, and passes every other attribute through.
+    """
+
+    def __init__(self, optimizer: Optimizer, module: LightningModule, scaler: Optional["torch.amp.GradScaler"]) -> None:
+        self._optimizer = optimizer
+        self._module = module
+        self._scaler = scaler
+        self.context: Optional[BatchContext] = None
+        self.__class__ = type("Shadow" + type(optimizer).__name__, (ShadowOptimizer, type(optimizer)), {})
+
+    def __getattr__(self, name: str) -> Any:  # only for what the wrapper does not define itself
+        if name.startswith("__") or "_optimizer" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_optimizer"], name)
+
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self._optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _after_closure(self) -> None:
+        module, context = self._module, self.context
+        module.on_before_optimizer_step(self._optimizer)
+        if context is not None:
+            module.configure_gradient_clipping(
+                self._optimizer, gradient_clip_val=context.clip_val, gradient_clip_algorithm=context.clip_algorithm
+            )
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+        closure = closure if closure is not None else (lambda: None)
+        if self._scaler is None:
+            def wrapped() -> Any:
+                result = closure()
+                self._after_closure()
+                return result
+
+            return self._optimizer.step(closure=wrapped, **kwargs)
+        result = closure()
+        if result is not None:  # as Lightning's MixedPrecision: no unscale when backward was skipped
+            self._scaler.unscale_(self._optimizer)
+        self._after_closure()
+        if result is None:
+            return result
+        output = self._scaler.step(self._optimizer, **kwargs)
+        self._scaler.update()
+        return output
+
+    def toggle_model(self, sync_grad: bool = True) -> AbstractContextManager:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:  # schedule-free's mode switch, when the class has it
+        return self._optimizer.train(*args, **kwargs)
+
+    def eval(self, *args: Any, **kwargs: Any) -> Any:
+        return self._optimizer.eval(*args, **kwargs)
+
+
+def run_batch(
+    module: LightningModule,
+    optimizer: ShadowOptimizer,
+    batch: Any,
+    context: BatchContext,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+) -> tuple[Optional[dict[str, Any]], bool]:
+    """One training batch of ``module`` as Lightning's automatic optimisation runs it, with ``module`` as ``self``.
+
+    ``on_train_batch_start`` → [``optimizer_step`` with a closure of] ``training_step`` → ``on_before_zero_grad`` →
+    ``optimizer_zero_grad`` (first micro-batch) → ``on_before_backward`` → ``backward`` → ``on_after_backward``, and
+    inside the step ``on_before_optimizer_step`` and ``configure_gradient_clipping``. The caller runs
+    ``on_train_batch_end`` (after measuring, so that both models are measured at the same point of the step).
+
+    Returns:
+        The batch's outputs as Lightning hands them to ``on_train_batch_end`` (``{"loss": ..., **extra}``, ``{}`` for a
+        skipped step), or None when ``on_train_batch_start`` returned -1; and whether the optimizer was stepped.
+    """
+    batch_idx = context.batch_idx
+    if module.on_train_batch_start(batch, batch_idx) == -1:
+        return None, False
+    result: dict[str, Any] = {}
+
+    def closure() -> Optional[Tensor]:
+        with context.step_context():
+            output = module.training_step(batch, batch_idx)
+        loss, extra = _split_output(output)
+        closure_loss = loss / context.accumulate_grad_batches if loss is not None else None
+        if not context.skip_backward and batch_idx % context.accumulate_grad_batches == 0:
+            module.on_before_zero_grad(optimizer.optimizer)
+            module.optimizer_zero_grad(context.epoch, batch_idx, optimizer.optimizer)
+        if not context.skip_backward and closure_loss is not None:
+            scaled = scaler.scale(closure_loss) if scaler is not None else closure_loss  # as MixedPrecision.pre_backward
+            module.on_before_backward(scaled)
+            module.backward(scaled)
+            if context.world_size > 1 and context.optimizer_steps:
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                all_reduce_mean(grads, context.world_size)
+            module.on_after_backward()
+        result.clear()
+        result.update({"loss": closure_loss.detach().clone(), **extra} if closure_loss is not None else {})
+        return result.get("loss")
+
+    optimizer.context = context
+    if context.optimizer_steps and not context.skip_backward:
+        module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
+        return result, True
+    closure()
+    return result, False
+
+
+def mirroring_blocker(module: LightningModule, optimizer: Optimizer) -> Optional[str]:
+    """Why the batched path cannot mirror ``module`` and ``optimizer``; None if it can. It runs one ``vmap`` forward
+    and backward for all shadows, so it cannot run per shadow what happens inside them, nor re-evaluate the loss."""
+    hooks = overridden_hooks(module, BATCHED_PATH_BLOCKERS)
+    if hooks:
+        return f"the module overrides {', '.join(hooks)}, which run inside each shadow's forward and backward"
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        return f"{type(optimizer).__name__} re-evaluates the loss through a closure at every step"
+    return None
+
+
+@torch.no_grad()
+def all_reduce_mean(grads: list[Tensor], world_size: int) -> None:
+    """Average ``grads`` across processes in one flattened all-reduce: one collective, not one per tensor."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def _split_output(output: Any) -> tuple[Optional[Tensor], dict[str, Any]]:
+    if output is None or isinstance(output, Tensor):
+        return output, {}
+    if hasattr(output, "get"):
+        return output.get("loss"), {k: v for k, v in output.items() if k != "loss"}
+    raise TypeError(f"`training_step` must return a Tensor, a dict with 'loss', or None; got {type(output).__name__}")
+
+
+def _snapshot_value(value: Any) -> Any:
+    # a tensor hyperparameter is compared by identity and version: no copy, no host synchronisation
+    return ("tensor", id(value), value._version) if isinstance(value, Tensor) else copy.copy(value)
+
+
+def _snapshot(optimizer: Optimizer) -> list[dict[str, Any]]:
+    return [{k: _snapshot_value(v) for k, v in g.items() if k not in _NOT_REPLAYED} for g in optimizer.param_groups]
+
+
+class OptimizerSync:
+    """Replays on shadow optimizers what happened to the real optimizer *outside* its ``step``.
+
+    A hook after every real ``step`` (``register_step_post_hook``) records the param groups as the step left them.
+    Before each shadow step, :meth:`changes` lists the group keys whose value differs from that record: those were
+    set from outside (an LR scheduler, SWA's schedule, a warm-up in ``optimizer_step``, a callback), and every shadow
+    takes them. Keys the optimizer changed inside its own step (Prodigy's ``d``) are not listed: each shadow's own
+    optimizer keeps its own. Param groups added to the real optimizer (``BackboneFinetuning``) are added to each shadow
+    optimizer over the shadow's parameters, with a copy of the real state of those parameters.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        self._after_step = _snapshot(optimizer)
+        self._handle = optimizer.register_step_post_hook(self._record)
+
+    def _record(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._after_step = _snapshot(optimizer)
+
+    def changes(self) -> list[dict[str, Any]]:
+        """Per existing real param group, the hyperparameters set from outside since the last step (their values now)."""
+        changed = []
+        for g, group in enumerate(self.optimizer.param_groups):
+            before = self._after_step[g] if g < len(self._after_step) else {}
+            changed.append({
+                k: v for k, v in group.items()
+                if k not in _NOT_REPLAYED and (k not in before or before[k] != _snapshot_value(v))
+            })
+        return changed
+
+    def replay(self, shadow_optimizer: Optimizer, changes: list[dict[str, Any]], param_map: dict[int, Tensor]) -> None:
+        """Apply ``changes`` (from :meth:`changes`) and the real optimizer's new param groups to one shadow optimizer."""
+        real_groups = self.optimizer.param_groups
+        for g in range(len(shadow_optimizer.param_groups), len(real_groups)):
+            group = real_groups[g]
+            new = {k: copy.copy(v) for k, v in group.items() if k != "params"}
+            new["params"] = [param_map[id(p)] for p in group["params"]]
+            shadow_optimizer.add_param_group(new)
+            for real_p, shadow_p in zip(group["params"], new["params"]):
+                if real_p in self.optimizer.state:
+                    shadow_optimizer.state[shadow_p] = copy.deepcopy(self.optimizer.state[real_p])
+        for group, values in zip(shadow_optimizer.param_groups, changes):
+            for key, value in values.items():
+                group[key] = value.clone() if isinstance(value, Tensor) else copy.copy(value)
+
+    def sync_mode(self, shadow_optimizer: Optimizer) -> None:
+        """An optimizer with a train/eval mode (schedule-free moves the parameters between its sequences on a switch):
+        switch the shadow's the way the real one was switched, with the shadow's own parameters."""
+        real_mode = self.optimizer.param_groups[0].get("train_mode")
+        if real_mode is None or shadow_optimizer.param_groups[0].get("train_mode") == real_mode:
+            return
+        getattr(shadow_optimizer, "train" if real_mode else "eval")()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class ModuleSync:
+    """Copies the real module's ``requires_grad`` flags and train/eval modes onto shadows (set by the Trainer around
+    validation, by finetuning callbacks, or by the module's own hooks, which the shadows also run)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modules = list(module.modules())
+        self.parameters = [p for _, p in module.named_parameters()]
+        self.capture()
+
+    def capture(self) -> None:
+        """Record the real module's flags now (at the start of a real batch, before its hooks run)."""
+        self.training = [m.training for m in self.modules]
+        self.requires_grad = [p.requires_grad for p in self.parameters]
+
+    def apply(self, shadow: nn.Module) -> bool:
+        """Give ``shadow`` the recorded flags; True if its set of trainable parameters changed."""
+        for m, training in zip(shadow.modules(), self.training):
+            m.training = training
+        changed = False
+        for p, flag in zip(shadow.parameters(), self.requires_grad):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+                changed = True
+        return changed
+
+
+def run_epoch_hook(modules: Sequence[LightningModule], hook: str) -> None:
+    """``on_train_epoch_start``/``on_train_epoch_end`` on every shadow, with the shadow as ``self``."""
+    for module in modules:
+        getattr(module, hook)()
+
+
+def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None:
+    """Make ``self.optimizers()`` in the shadow's hooks return the shadow's optimizer (a hook that switches a
+    schedule-free optimizer's mode must switch the shadow's), and ``self.lr_schedulers()`` none: stepping the real
+    schedulers from a shadow would change the real training."""
+
+    def optimizers(use_pl_optimizer: bool = True) -> Optimizer:
+        return optimizer if use_pl_optimizer else optimizer.optimizer
+
+    module.optimizers = optimizers  # type: ignore[method-assign]
+    module.lr_schedulers = partial(_no_schedulers)  # type: ignore[method-assign]
+
+
+def _no_schedulers() -> None:
+    return None
