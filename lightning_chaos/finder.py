@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner.lr_finder import _determine_lr_attr_name
 from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
@@ -16,7 +17,6 @@ from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, _TunerExitException
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -32,6 +32,7 @@ from lightning_chaos.functional.onset import (
     edge_of_chaos_suggestion,
     trainability_edge_suggestion,
 )
+from lightning_chaos.mirror import BatchContext, mirroring_blocker
 from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
 from lightning_chaos.vectorized import (
     NotVectorizable,
@@ -383,8 +384,13 @@ class ChaosLRFinder(Callback):
         self._onset_margin, self._edge_margin = self._margins(optimizer)
         base_lr = float(lightning_getattr(pl_module, attr_name)) if attr_name else _unscheduled_lr(optimizer.param_groups[0])
         started = time.monotonic()
-        with isolate_rng():
+        # Lightning's isolate_rng restores only on a normal exit: an error (or an interrupt) in the user's
+        # training_step would leave the global streams where the sweep seeded them.
+        rng_states = _collect_rng_states()
+        try:
             result = self._sweep(trainer, pl_module, base_lr)
+        finally:
+            _set_rng_states(rng_states)
         result.seconds = time.monotonic() - started
         result = trainer.strategy.broadcast(result, src=0)  # every rank ends with rank 0's suggestion
         self.result = result
@@ -409,7 +415,7 @@ class ChaosLRFinder(Callback):
         batches = self._collect_batches(trainer, pl_module)
         # New dropout masks and augmentation draws at every step, the same for every η. Seeded once per sweep:
         # torch.manual_seed also seeds every accelerator lazily and costs about a millisecond, as much as a small
-        # model's step. The caller's streams come back with isolate_rng.
+        # model's step. The caller's streams come back in find, however the sweep ends.
         rng_states = []
         for batch_idx in range(len(batches)):
             torch.manual_seed(self.seed + batch_idx)
@@ -474,7 +480,9 @@ class ChaosLRFinder(Callback):
         wanted = worth_vectorizing(pl_module, copies) if self.vectorize == "auto" else self.vectorize
         if not wanted:
             return False
-        reason = vectorization_blocker(pl_module, pl_module.device, stacks_the_reference=True)
+        reason = vectorization_blocker(pl_module, pl_module.device, stacks_the_reference=True) or mirroring_blocker(
+            pl_module, pl_module.trainer.optimizers[0]
+        )
         if reason is not None:
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")
         return reason is None
@@ -516,6 +524,8 @@ class ChaosLRFinder(Callback):
         _reset_state(reference_optimizer)  # the sweep starts every η from a fresh optimizer
         for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
             group["lr"] = _unscheduled_lr(template) * lr_scale  # a fixed η: no warm-up factor
+        if reference_optimizer.param_groups[0].get("train_mode") is False:  # schedule-free: step only in train mode
+            reference_optimizer.train()
         shadows = ShadowEnsemble(
             reference.shadows[0],
             reference_optimizer,
@@ -530,9 +540,10 @@ class ChaosLRFinder(Callback):
         device, accumulate = pl_module.device, self._accumulate
         window: list[Optional[Tensor]] = []  # the losses of this optimizer step's batches
         for batch_idx, (batch, rng_state) in enumerate(batches):
-            window.append(candidate.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context))
-            if (batch_idx + 1) % accumulate == 0:
-                if candidate.step(_mean_loss(window), self.renormalize_every):
+            context = candidate.context(batch_idx, accumulate, step_context)
+            window.append(candidate.run_batch(batch, context, rng_state, device))
+            if context.optimizer_steps:
+                if candidate.step(_mean_loss(window), self.renormalize_every, optimizers_stepped=True):
                     break
                 window = []
 
@@ -787,9 +798,7 @@ class _Candidate:
         self, reference: ShadowEnsemble, shadows: ShadowEnsemble, clip_val: Optional[float], clip_algorithm: Optional[str]
     ) -> None:
         self.reference, self.shadows = reference, shadows
-        self.hyperparameters = [
-            {k: v for k, v in group.items() if k != "params"} for group in reference.optimizers[0].param_groups
-        ]
+        self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
         self.reference_clip = reference.gradient_clipper(clip_val, clip_algorithm)
         self.shadow_clip = shadows.gradient_clipper(clip_val, clip_algorithm)
         self.losses: list[Tensor] = []
@@ -805,6 +814,27 @@ class _Candidate:
         self.shadows.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
         return loss
 
+    def context(self, batch_idx: int, accumulate: int, step_context: Any) -> BatchContext:
+        return BatchContext(
+            batch_idx=batch_idx,
+            epoch=0,
+            global_step=self.steps,
+            accumulate_grad_batches=accumulate,
+            optimizer_steps=(batch_idx + 1) % accumulate == 0,
+            step_context=step_context,
+            clip_val=self.clip_val,
+            clip_algorithm=self.clip_algorithm,
+        )
+
+    def run_batch(self, batch: Any, context: BatchContext, rng_state: Any, device: torch.device) -> Optional[Tensor]:
+        """The reference's and the shadows' whole batch through the module's own hooks and ``optimizer_step``
+        (:mod:`lightning_chaos.mirror`: closure optimizers, a warm-up in ``optimizer_step``, gradient hooks);
+        the reference's training loss."""
+        self.reference.run_batch(batch, context, rng_state, device, changes=None, follow_outside=False)
+        self.shadows.run_batch(batch, context, rng_state, device, changes=None, follow_outside=False)
+        loss = self.reference.last_losses[0]
+        return None if loss is None else loss * context.accumulate_grad_batches
+
     @property
     def optimizers(self) -> list[Optimizer]:
         """The reference's and the shadows' optimizers, in the stack's row order."""
@@ -817,9 +847,9 @@ class _Candidate:
     def step(self, loss: Optional[Tensor], renormalize_every: int, optimizers_stepped: bool = False) -> bool:
         """The optimizer steps after a backward (unless a stacked optimizer made them), the pull-back every period;
         True once the run diverged."""
-        if not optimizers_stepped:
-            self.reference.optimizer_step(self.hyperparameters, self.reference_clip)
-            self.shadows.optimizer_step(self.hyperparameters, self.shadow_clip)
+        if not optimizers_stepped:  # a fixed η, set once: re-setting the groups would undo an adaptive optimizer's own
+            self.reference.optimizer_step(None, self.reference_clip)
+            self.shadows.optimizer_step(None, self.shadow_clip)
         self.steps += 1
         if self.steps % renormalize_every == 0:  # distances are needed only at pull-backs and at the end
             self.shadows.pull_back(self.shadows.distances())

@@ -56,6 +56,7 @@ class BatchContext:
 
     Args:
         batch_idx: the batch's index in the epoch (decides zero_grad under accumulation).
+        global_step: ``trainer.global_step`` during the real batch (the real step has been counted since).
         epoch: ``trainer.current_epoch``, passed to ``optimizer_step`` and ``optimizer_zero_grad``.
         accumulate_grad_batches: the loss is divided by it before backward, as Lightning divides (even by 1).
         optimizer_steps: the real optimizer stepped on this batch (last micro-batch of an accumulation window).
@@ -68,6 +69,7 @@ class BatchContext:
 
     batch_idx: int
     epoch: int
+    global_step: int
     accumulate_grad_batches: int
     optimizer_steps: bool
     skip_backward: bool = False
@@ -258,7 +260,12 @@ class OptimizerSync:
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
         self._after_step = _snapshot(optimizer)
-        self._handle = optimizer.register_step_post_hook(self._record)
+        self._handle: Optional[Any] = None
+
+    def track(self) -> None:
+        """Start recording after every real step (the probe; the finder's copies have nothing outside to follow)."""
+        if self._handle is None:
+            self._handle = self.optimizer.register_step_post_hook(self._record)
 
     def _record(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step = _snapshot(optimizer)
@@ -298,7 +305,9 @@ class OptimizerSync:
         getattr(shadow_optimizer, "train" if real_mode else "eval")()
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 class ModuleSync:

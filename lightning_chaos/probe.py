@@ -414,6 +414,7 @@ class ChaosProbe(Callback):
                 vectorize=self._should_vectorize(trainer, pl_module),
                 twin=self.sentinel_steps > 0 and restored is None,
             )
+            self._ensemble.optimizer_sync.track()
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None
             self._disable(f"ChaosProbe could not clone the model into shadows: {error!r}")
@@ -437,6 +438,7 @@ class ChaosProbe(Callback):
             self._attach(trainer, pl_module, None)
         if self._active:
             self._rng_state = capture_rng_state(pl_module.device)
+            self._batch_global_step = trainer.global_step
             self._guarded(self._ensemble.capture_outside)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
@@ -486,6 +488,10 @@ class ChaosProbe(Callback):
         chaos_logging.write_exponent_histogram(trainer, exponents, self._attach_step + self._steps)
         chaos_logging.write_hparams(trainer, self._hparams, self._hparam_metrics())
         rank_zero_info(self._summary(exponents))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._ensemble is not None:  # the real optimizer keeps no hook of ours after the fit
+            self._ensemble.optimizer_sync.remove()
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 
@@ -544,6 +550,7 @@ class ChaosProbe(Callback):
         context = BatchContext(
             batch_idx=batch_idx,
             epoch=trainer.current_epoch,
+            global_step=self._batch_global_step,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             optimizer_steps=changes is not None,
             step_context=trainer.precision_plugin.train_step_context,
@@ -561,7 +568,7 @@ class ChaosProbe(Callback):
         self._pending.append(distances)
         if ensemble.has_twin:
             self._sentinel_exact &= not batched and not ensemble.vectorized
-            self._drifts.append(ensemble.twin_drift())
+            self._drifts.append(ensemble.last_twin_drift)
             if len(self._drifts) >= self.sentinel_steps:
                 self._finish_sentinel(trainer)
         if self.renormalize_every is not None and self._steps % self.renormalize_every == 0:

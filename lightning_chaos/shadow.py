@@ -155,6 +155,21 @@ class _ShadowTrainerView:
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # kept on the view: the real trainer is not touched
 
+    @contextmanager
+    def stepping(self, global_step: int) -> Iterator[None]:
+        """Within a shadow's batch, ``self.global_step`` reads what the real model read in its batch: the real
+        optimizer has stepped (and the real trainer counted it) by the time the shadows step."""
+        object.__setattr__(self, "global_step", global_step)
+        try:
+            yield
+        finally:
+            object.__delattr__(self, "global_step")
+
+
+def _stepping(member: LightningModule, global_step: int) -> AbstractContextManager:
+    view = member._trainer
+    return view.stepping(global_step) if isinstance(view, _ShadowTrainerView) else nullcontext()
+
 
 def _uncompiled(module: nn.Module) -> None:
     """Make a deep copy run eagerly, with its own parameters.
@@ -343,6 +358,8 @@ class ShadowEnsemble:
             self._perturb(names, generator)
         # Benettin bookkeeping: d(0), the distance right after the last pull-back, and Σ ln(d / d_prev).
         self.initial_distance = self.distances()
+        self.last_twin_drift: Optional[Tensor] = None
+        self.last_losses: list[Optional[Tensor]] = [None] * len(self.members)  # the closure losses of the last batch
         self.previous_distance = self.initial_distance.clone()
         self.log_growth_sum = torch.zeros_like(self.initial_distance)
 
@@ -421,6 +438,7 @@ class ShadowEnsemble:
         device: torch.device,
         changes: Optional[list[dict[str, Any]]],
         alive: Optional[list[bool]] = None,
+        follow_outside: bool = True,
     ) -> Optional[Tensor]:
         """Every live member's training batch, as the real model's went (:func:`~lightning_chaos.mirror.run_batch`).
 
@@ -428,20 +446,23 @@ class ShadowEnsemble:
             changes: what was set on the real optimizer from outside since its last step
                 (:meth:`~lightning_chaos.mirror.OptimizerSync.changes`), replayed before the members step; None on a
                 batch where the real optimizer did not step.
+            follow_outside: copy the real module's flags and the real optimizer's mode onto the members first. The
+                finder's copies train at settings of their own and leave it off.
 
         Returns:
             The distances ``[K]`` after the step (measured before ``on_train_batch_end``, where the real model is
             measured too), or None when the real optimizer did not step.
         """
-        trainable_changed = False
-        for member in self.members:
-            trainable_changed |= self.module_sync.apply(member)
-        if trainable_changed:
-            self._refresh_trainable()
+        if follow_outside:
+            trainable_changed = False
+            for member in self.members:
+                trainable_changed |= self.module_sync.apply(member)
+            if trainable_changed:
+                self._refresh_trainable()
+            self.sync_optimizer_modes()
         if changes is not None:
             for optimizer, param_map in zip(self.member_optimizers, self.param_maps):
                 self.optimizer_sync.replay(optimizer, changes, param_map)
-        self.sync_optimizer_modes()
         if self.vectorized:
             try:
                 return self._run_batch_stacked(batch, context, rng_state, device, alive)
@@ -456,17 +477,26 @@ class ShadowEnsemble:
         distances: list[Tensor] = []
         with _preserved_rng(device, rng_state) as replay:
             for k, member in enumerate(self.members):
-                if not self._alive(alive, k):
-                    if k < self.num_shadows:
-                        distances.append(self._distance(k))
-                    continue
-                _set_rng_state(replay, device)
-                outputs, _ = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
-                if k < self.num_shadows:
-                    distances.append(self._distance(k))
+                outputs = None
+                if self._alive(alive, k):
+                    _set_rng_state(replay, device)
+                    with _stepping(member, context.global_step):
+                        outputs, _ = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
+                self.last_losses[k] = None if outputs is None else outputs.get("loss")
+                self._measure(k, distances, context)
                 if outputs is not None:
                     member.on_train_batch_end(outputs, batch, context.batch_idx)
         return torch.stack(distances) if context.optimizer_steps else None
+
+    def _measure(self, k: int, distances: list[Tensor], context: BatchContext) -> None:
+        """Member k's separation after its step and before its ``on_train_batch_end``: where the real model stands
+        when the probe's ``on_train_batch_end`` runs, before the module's own."""
+        if not context.optimizer_steps:
+            return
+        if k < self.num_shadows:
+            distances.append(self._distance(k))
+        else:
+            self.last_twin_drift = self.twin_drift()
 
     def _run_batch_stacked(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
         with replayed_rng(rng_state, device):  # under randomness="same" each member draws the real masks
@@ -487,12 +517,13 @@ class ShadowEnsemble:
                 if live:
                     _set_rng_state(replay, device)
                     loss = losses[k] / context.accumulate_grad_batches
-                    member.on_after_backward()
-                    if context.optimizer_steps:
-                        self.facades[k].context = context
-                        member.optimizer_step(context.epoch, context.batch_idx, self.facades[k], lambda loss=loss: loss)
-                if k < self.num_shadows:
-                    distances.append(self._distance(k))
+                    with _stepping(member, context.global_step):
+                        member.on_after_backward()
+                        if context.optimizer_steps:
+                            self.facades[k].context = context
+                            member.optimizer_step(context.epoch, context.batch_idx, self.facades[k],
+                                                  lambda loss=loss: loss)
+                self._measure(k, distances, context)
                 if live:
                     member.on_train_batch_end({"loss": losses[k] / context.accumulate_grad_batches}, batch,
                                               context.batch_idx)
@@ -651,15 +682,15 @@ class ShadowEnsemble:
 
     def optimizer_step(
         self,
-        hyperparameters: list[dict[str, Any]],
+        hyperparameters: Optional[list[dict[str, Any]]],
         clip_gradients: Optional[Callable[[Optimizer], None]] = None,
         alive: Optional[list[bool]] = None,
     ) -> None:
-        """Step every shadow optimizer with the real step's param-group hyperparameters, after clipping."""
+        """Step every shadow optimizer, after clipping; with ``hyperparameters`` (per param group) set first."""
         for k, optimizer in enumerate(self.optimizers):
             if alive is not None and not alive[k]:
                 continue
-            for group, values in zip(optimizer.param_groups, hyperparameters):
+            for group, values in zip(optimizer.param_groups, hyperparameters or ()):
                 group.update(values)
             scaler = self.scalers[k]
             if scaler is not None:
