@@ -120,7 +120,17 @@ class _DropoutOnCudaGuard(TorchFunctionMode):
             attention = func is nn.functional.scaled_dot_product_attention
             if p and training is not False and ((on_cuda and not self.allow_cuda) or attention):
                 raise NotVectorizable(f"{func.__name__} with {name}={p} cannot replay the real model's random mask")
+            if p and training is not False and isinstance(tensor, Tensor) and _permuted(tensor):
+                # a CPU dropout fills its mask in memory order: another layout, another mask for the same RNG state
+                raise NotVectorizable(f"{func.__name__} on a transposed (permuted) input draws its mask in another order")
         return func(*args, **kwargs)
+
+
+def _permuted(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s dimensions lie in memory in another order than their logical one (a transpose, channels
+    last). Gaps between rows (a batched copy's layout) keep the order and do not count."""
+    strides = [stride for size, stride in zip(tensor.shape, tensor.stride()) if size > 1]
+    return any(a < b for a, b in zip(strides, strides[1:]))
 
 
 @contextmanager
@@ -160,11 +170,51 @@ class _TrainingStep(nn.Module):
         return self.get_submodule(module_path), leaf
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
+        attributes = _tensor_attributes(self.module)
         output = self.module.training_step(batch, batch_idx)
         for name, owner, leaf in self._owners:
             if getattr(owner, leaf) is not self.passed[name]:
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
+        if _tensor_attributes(self.module) != attributes:
+            # a batched tensor kept in a plain attribute (a recurrent hidden state) would escape the vmap
+            _restore_attributes(self.module, attributes)
+            raise NotVectorizable("training_step keeps a tensor in a plain attribute (state carried between steps)")
         return output
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and isinstance(value[0], Tensor))
+
+
+def _tensor_attributes(module: nn.Module) -> dict[tuple[int, str], "_Identity"]:
+    """The tensors (and tuples of them) kept in plain attributes of ``module`` and its submodules, by identity."""
+    return {
+        (id(submodule), key): _Identity(value)
+        for submodule in module.modules()
+        for key, value in submodule.__dict__.items()
+        if _is_state(value)
+    }
+
+
+class _Identity:
+    """Compares by identity (``==`` on tensors would compare values)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+def _restore_attributes(module: nn.Module, attributes: dict[tuple[int, str], "_Identity"]) -> None:
+    """Put back the plain tensor attributes of ``attributes``, and drop those made since."""
+    for submodule in module.modules():
+        for key in [k for k, v in submodule.__dict__.items() if _is_state(v)]:
+            saved = attributes.get((id(submodule), key))
+            if saved is None:
+                del submodule.__dict__[key]
+            else:
+                submodule.__dict__[key] = saved.value
 
 
 def _stack_into_views(tensors_per_module: Sequence[Sequence[Tensor]]) -> list[Tensor]:

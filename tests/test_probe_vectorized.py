@@ -262,3 +262,40 @@ def test_convolutions_on_cuda_with_tf32_allowed_are_not_batched_for_the_probe():
     finally:
         torch.backends.cudnn.allow_tf32 = allowed
     assert vectorization_blocker(model, torch.device("cpu")) is None
+
+
+class _TransposedDropout(DropoutMLP):
+    """Dropout on a non-contiguous view (as attention code often has): a CPU dropout fills its mask in memory
+    order, so a batched copy with another layout would draw another mask from the same RNG state."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hidden = nn.functional.dropout(self.net[0](x).t(), 0.3, training=True).t()
+        return nn.functional.cross_entropy(self.net[3](torch.tanh(hidden)), y)
+
+
+class _CarriedState(DropoutMLP):
+    """Keeps a tensor in a plain attribute from one training_step to the next (a recurrent hidden state)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if getattr(self, "memory", None) is not None and self.memory.shape[0] == x.shape[0]:
+            x = x + 0.1 * self.memory
+        out = self.net(x)
+        self.memory = out.detach()[:, :1].expand(-1, 8).clone()
+        return nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("module", [_TransposedDropout, _CarriedState])
+def test_what_the_batched_path_cannot_replay_falls_back_before_it_drifts(module, caplog):
+    L.seed_everything(3, verbose=False)
+    model = module()
+    probe = ChaosProbe(epsilon=0.0, num_shadows=4, vectorize=True)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
+    assert not probe._ensemble.vectorized and "vectorised step failed" in probe._ensemble.sequential_reason
+    assert not probe._disabled and probe.trusted
+    assert (probe.distances == 0).all()  # one at a time from the first step: bit-identical, never a mask apart
+    for a, b in zip(model.parameters(), probe.shadow_modules[0].parameters()):
+        assert torch.equal(a, b)
