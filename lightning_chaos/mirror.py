@@ -270,6 +270,16 @@ class OptimizerSync:
     def _record(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step = _snapshot(optimizer)
 
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The groups as the real optimizer's last step left them, for a checkpoint: on resume, Lightning restores the
+        real optimizer wholesale, and only what changed since that step (a scheduler's last update) is news to the
+        shadows; what its own steps had set (Prodigy's ``d``) is not. A tensor value is stored as unknown: replayed."""
+        return [{k: "<tensor>" if isinstance(v, tuple) and v[:1] == ("tensor",) else v for k, v in group.items()}
+                for group in self._after_step]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        self._after_step = [dict(group) for group in state]
+
     def changes(self) -> list[dict[str, Any]]:
         """Per existing real param group, the hyperparameters set from outside since the last step (their values now)."""
         changed = []
@@ -318,6 +328,7 @@ class ModuleSync:
         self.modules = list(module.modules())
         self.parameters = [p for _, p in module.named_parameters()]
         self.capture()
+        self._applied: dict[int, tuple[list[bool], list[bool]]] = {}  # per shadow, the flags it was last given
 
     def capture(self) -> None:
         """Record the real module's flags now (at the start of a real batch, before its hooks run)."""
@@ -326,6 +337,10 @@ class ModuleSync:
 
     def apply(self, shadow: nn.Module) -> bool:
         """Give ``shadow`` the recorded flags; True if its set of trainable parameters changed."""
+        flags = (self.training, self.requires_grad)
+        if self._applied.get(id(shadow)) == flags:  # nothing changed outside since: the common case, every step
+            return False
+        self._applied[id(shadow)] = flags
         for m, training in zip(shadow.modules(), self.training):
             m.training = training
         changed = False

@@ -398,6 +398,7 @@ class ChaosProbe(Callback):
         if trainer.optimizers:
             self._hparams["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
 
+
     def _attach(self, trainer: Trainer, pl_module: LightningModule, restored: Optional[dict[str, Any]]) -> None:
         """Clone the model as it is now into the shadows (or rebuild them from a checkpoint) and start measuring."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -423,6 +424,8 @@ class ChaosProbe(Callback):
         self._warn_about_precision(trainer, pl_module)
         if restored is not None:
             self._load_measurements(restored)
+            if "optimizer_sync" in restored:
+                self._ensemble.optimizer_sync.load_state_dict(restored["optimizer_sync"])
             return
         self._attach_step = trainer.global_step
         self._pending.append(self._ensemble.initial_distance)
@@ -514,7 +517,12 @@ class ChaosProbe(Callback):
             return {**state, "stopped": True, "running_exponents": self._final_running}
         if self._disabled:  # the shadows froze at the fault: resuming them would measure a stale separation
             return {**state, "stopped": True, "disabled": True, "running_exponents": self.running_exponents}
-        return {**state, "measurements": self._ensemble.measurement_state(), "shadows": self._ensemble.state_dicts()}
+        return {
+            **state,
+            "measurements": self._ensemble.measurement_state(),
+            "shadows": self._ensemble.state_dicts(),
+            "optimizer_sync": self._ensemble.optimizer_sync.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Devices are not known yet (the module moves later): shadows are rebuilt from this at fit start.

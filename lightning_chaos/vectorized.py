@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
+from torchmetrics import Metric
 
 # Under vmap(randomness="same") a dropout draws its mask with bernoulli_. On the CPU so does the real model's dropout,
 # and the masks agree; on CUDA the real model's fused dropout kernel draws another mask from the same RNG state.
@@ -175,10 +176,14 @@ class _TrainingStep(nn.Module):
         for name, owner, leaf in self._owners:
             if getattr(owner, leaf) is not self.passed[name]:
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
-        if _tensor_attributes(self.module) != attributes:
-            # a batched tensor kept in a plain attribute (a recurrent hidden state) would escape the vmap
+        after = _tensor_attributes(self.module)
+        if after != attributes:
+            # A batched tensor kept in a plain attribute would escape the vmap: put the old ones back. The states of
+            # torchmetrics' metrics are observation only (a shadow logs nothing): they may stay as they were. Any
+            # other (a recurrent hidden state) carries the training from step to step: the step is redone one by one.
             _restore_attributes(self.module, attributes)
-            raise NotVectorizable("training_step keeps a tensor in a plain attribute (state carried between steps)")
+            if {k: v for k, v in after.items() if not v.metric} != {k: v for k, v in attributes.items() if not v.metric}:
+                raise NotVectorizable("training_step keeps a tensor in a plain attribute (state carried between steps)")
         return output
 
 
@@ -189,7 +194,7 @@ def _is_state(value: Any) -> bool:
 def _tensor_attributes(module: nn.Module) -> dict[tuple[int, str], "_Identity"]:
     """The tensors (and tuples of them) kept in plain attributes of ``module`` and its submodules, by identity."""
     return {
-        (id(submodule), key): _Identity(value)
+        (id(submodule), key): _Identity(value, isinstance(submodule, Metric))
         for submodule in module.modules()
         for key, value in submodule.__dict__.items()
         if _is_state(value)
@@ -199,8 +204,9 @@ def _tensor_attributes(module: nn.Module) -> dict[tuple[int, str], "_Identity"]:
 class _Identity:
     """Compares by identity (``==`` on tensors would compare values)."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, metric: bool = False) -> None:
         self.value = value
+        self.metric = metric
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Identity) and other.value is self.value
