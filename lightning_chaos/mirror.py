@@ -291,8 +291,10 @@ class OptimizerSync:
             })
         return changed
 
-    def replay(self, shadow_optimizer: Optimizer, changes: list[dict[str, Any]], param_map: dict[int, Tensor]) -> None:
-        """Apply ``changes`` (from :meth:`changes`) and the real optimizer's new param groups to one shadow optimizer."""
+    def add_new_groups(self, shadow_optimizer: Optimizer, param_map: dict[int, Tensor]) -> None:
+        """Add the param groups added to the real optimizer since (``BackboneFinetuning``), over the shadow's own
+        parameters. Called before the real batch runs, so the state copied is what the new parameters had before the
+        real optimizer stepped them (none, usually)."""
         real_groups = self.optimizer.param_groups
         for g in range(len(shadow_optimizer.param_groups), len(real_groups)):
             group = real_groups[g]
@@ -302,6 +304,9 @@ class OptimizerSync:
             for real_p, shadow_p in zip(group["params"], new["params"]):
                 if real_p in self.optimizer.state:
                     shadow_optimizer.state[shadow_p] = copy.deepcopy(self.optimizer.state[real_p])
+
+    def replay(self, shadow_optimizer: Optimizer, changes: list[dict[str, Any]]) -> None:
+        """Apply ``changes`` (from :meth:`changes`) to one shadow optimizer."""
         for group, values in zip(shadow_optimizer.param_groups, changes):
             for key, value in values.items():
                 group[key] = value.clone() if isinstance(value, Tensor) else copy.copy(value)

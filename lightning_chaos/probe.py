@@ -634,9 +634,9 @@ class ChaosProbe(Callback):
             self._attach_step + self._steps,
         )
         if first_bad is not None:
-            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), exact))
+            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), exact, tolerance))
 
-    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, exact: bool) -> str:
+    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, exact: bool, tolerance: float) -> str:
         module = trainer.lightning_module
         hooks = overridden_hooks(module, TRAINING_HOOKS)
         callbacks = [
@@ -644,14 +644,19 @@ class ChaosProbe(Callback):
             if not isinstance(c, ChaosProbe)
             and any(getattr(type(c), h) is not getattr(Callback, h) for h in _CALLBACK_TRAINING_HOOKS)
         ]
-        expected = "bit-identical" if exact else f"within {_SENTINEL_TOLERANCE:g} of ε"
+        expected = "bit-identical (drift 0)" if exact else f"below {tolerance:.1e} (1 % of the shadows' separation)"
+        causes = ["a callback or code outside the module's hooks that changes the weights or the optimizer"]
+        if self._ensemble is not None and self._ensemble.compiled:
+            causes.insert(0, "the compiled model's random ops (dropout), which draw other numbers than the shadows'"
+                             " eager ones")
+        if not exact and not (self._ensemble is not None and self._ensemble.compiled):
+            causes.append("a batched kernel (try `vectorize=False`)")
         return (
             f"ChaosProbe: the unperturbed twin left the real model at optimizer step {self._attach_step + step}"
-            f" (relative drift {drift:.3g}; it must stay {expected}), so the shadows do not repeat everything the real"
-            f" training does: their numbers are UNTRUSTED. Hooks of {type(module).__name__} that ran:"
-            f" {', '.join(hooks) or 'none overridden'}; callbacks acting on the training: {', '.join(callbacks) or 'none'}."
-            " A callback that changes the weights or the optimizer outside the optimizer step is the usual cause; with"
-            " `vectorize=True` or 'auto', try `vectorize=False`."
+            f" (relative drift {drift:.1e}; it must stay {expected}), so the shadows do not repeat everything the"
+            f" real training does: their numbers are UNTRUSTED. Hooks of {type(module).__name__} that ran:"
+            f" {', '.join(hooks) or 'none overridden'}; callbacks acting on the training:"
+            f" {', '.join(callbacks) or 'none'}. Likely causes: {'; '.join(causes)}."
         )
 
     def _should_vectorize(self, trainer: Trainer, pl_module: LightningModule) -> bool:

@@ -414,8 +414,11 @@ class ShadowEnsemble:
     # -- the mirrored step (the probe) ----------------------------------------------------------------------------
 
     def capture_outside(self) -> None:
-        """Record the real module's flags at the start of a real batch (see :class:`~lightning_chaos.mirror.ModuleSync`)."""
+        """At the start of a real batch: record the real module's flags (:class:`~lightning_chaos.mirror.ModuleSync`),
+        and give every member the param groups added to the real optimizer since."""
         self.module_sync.capture()
+        for optimizer, param_map in zip(self.member_optimizers, self.param_maps):
+            self.optimizer_sync.add_new_groups(optimizer, param_map)
 
     def sync_optimizer_modes(self) -> None:
         """Switch every member's optimizer mode (schedule-free ``train()``/``eval()``) the way the real one is now."""
@@ -461,8 +464,8 @@ class ShadowEnsemble:
                 self._refresh_trainable()
             self.sync_optimizer_modes()
         if changes is not None:
-            for optimizer, param_map in zip(self.member_optimizers, self.param_maps):
-                self.optimizer_sync.replay(optimizer, changes, param_map)
+            for optimizer in self.member_optimizers:
+                self.optimizer_sync.replay(optimizer, changes)
         if self.vectorized:
             try:
                 return self._run_batch_stacked(batch, context, rng_state, device, alive)

@@ -171,19 +171,24 @@ class _TrainingStep(nn.Module):
         return self.get_submodule(module_path), leaf
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
-        attributes = _tensor_attributes(self.module)
-        output = self.module.training_step(batch, batch_idx)
+        before = _plain_attributes(self.module)
+        try:
+            output = self.module.training_step(batch, batch_idx)
+        except BaseException:
+            _restore(self.module, before)  # no batched tensor may stay behind for the one-at-a-time redo
+            raise
         for name, owner, leaf in self._owners:
             if getattr(owner, leaf) is not self.passed[name]:
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
-        after = _tensor_attributes(self.module)
-        if after != attributes:
-            # A batched tensor kept in a plain attribute would escape the vmap: put the old ones back. The states of
-            # torchmetrics' metrics are observation only (a shadow logs nothing): they may stay as they were. Any
-            # other (a recurrent hidden state) carries the training from step to step: the step is redone one by one.
-            _restore_attributes(self.module, attributes)
-            if {k: v for k, v in after.items() if not v.metric} != {k: v for k, v in attributes.items() if not v.metric}:
-                raise NotVectorizable("training_step keeps a tensor in a plain attribute (state carried between steps)")
+        changed = _changed_state(self.module, before)
+        if changed:
+            # A batched tensor kept in a plain attribute would escape the vmap: put the old values back. The states of
+            # torchmetrics' metrics are observation only (a shadow logs nothing) and may stay as they were; any other
+            # (a recurrent hidden state) carries the training from step to step, and the step is redone one by one.
+            _restore(self.module, before)
+            carried = [name for name, metric in changed if not metric]
+            if carried:
+                raise NotVectorizable(f"training_step keeps a tensor in the plain attribute {carried[0]!r}")
         return output
 
 
@@ -191,36 +196,36 @@ def _is_state(value: Any) -> bool:
     return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and isinstance(value[0], Tensor))
 
 
-def _tensor_attributes(module: nn.Module) -> dict[tuple[int, str], "_Identity"]:
-    """The tensors (and tuples of them) kept in plain attributes of ``module`` and its submodules, by identity."""
-    return {
-        (id(submodule), key): _Identity(value, isinstance(submodule, Metric))
-        for submodule in module.modules()
-        for key, value in submodule.__dict__.items()
-        if _is_state(value)
-    }
+def _plain_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """A shallow copy of every submodule's plain attributes: cheap, and enough to see a tensor put in one."""
+    return [(submodule, dict(submodule.__dict__)) for submodule in module.modules()]
 
 
-class _Identity:
-    """Compares by identity (``==`` on tensors would compare values)."""
+def _changed_state(module: nn.Module, before: list[tuple[nn.Module, dict[str, Any]]]) -> list[tuple[str, bool]]:
+    """(name, in a torchmetrics Metric) of each plain attribute that holds a tensor now or held one, and changed."""
+    changed = []
+    for submodule, saved in before:
+        for key, value in submodule.__dict__.items():
+            old = saved.get(key, _MISSING)
+            if value is not old and (_is_state(value) or _is_state(old)):
+                changed.append((key, isinstance(submodule, Metric)))
+    return changed
 
-    def __init__(self, value: Any, metric: bool = False) -> None:
-        self.value = value
-        self.metric = metric
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.value is self.value
+_MISSING = object()
 
 
-def _restore_attributes(module: nn.Module, attributes: dict[tuple[int, str], "_Identity"]) -> None:
-    """Put back the plain tensor attributes of ``attributes``, and drop those made since."""
-    for submodule in module.modules():
-        for key in [k for k, v in submodule.__dict__.items() if _is_state(v)]:
-            saved = attributes.get((id(submodule), key))
-            if saved is None:
-                del submodule.__dict__[key]
+def _restore(module: nn.Module, before: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for submodule, saved in before:
+        attributes = submodule.__dict__
+        for key in {*attributes, *saved}:
+            old, new = saved.get(key, _MISSING), attributes.get(key, _MISSING)
+            if old is new or not (_is_state(old) or _is_state(new)):
+                continue
+            if old is _MISSING:
+                del attributes[key]
             else:
-                submodule.__dict__[key] = saved.value
+                attributes[key] = old
 
 
 def _stack_into_views(tensors_per_module: Sequence[Sequence[Tensor]]) -> list[Tensor]:

@@ -1,0 +1,110 @@
+"""Hugging Face transformers built from tiny configs (no download): GPT-2 language modelling with the default (SDPA) and
+the eager attention, and BERT sequence classification, wrapped in a small LightningModule with AdamW, attention and
+hidden dropout on.
+
+The batched path (``num_shadows=4``, ``vectorize="auto"``) must not silently draw other dropout masks than the real
+model: CPU dropout fills its mask in memory order, so the same RNG state gives another mask for a non-contiguous
+attention tensor than for its batched copy. At ε = 0 the four shadows follow the real model to float rounding, or
+the probe falls back to one at a time (exact), or it says it cannot be trusted.
+"""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from harness import (
+    Case,
+    assert_probe_healthy,
+    assert_untrusted_is_said,
+    check_observation_never_perturbs,
+    check_shadow_is_an_independent_run,
+    check_zero_epsilon_shadow_is_the_real_model,
+    fit,
+    flat_norm,
+)
+from lightning_chaos import ChaosProbe
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH = 50, 12
+
+
+class HuggingFace(L.LightningModule):
+    """Wraps a Hugging Face model whose forward returns ``.loss`` when given labels; AdamW."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.model = build()
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        loss = self.model(input_ids=ids, labels=labels).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def gpt2(attention):
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=VOCAB, n_positions=16,
+                                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation=attention)
+    return lambda: HuggingFace(lambda: transformers.GPT2LMHeadModel(config))
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3,
+                                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return lambda: HuggingFace(lambda: transformers.BertForSequenceClassification(config))
+
+
+def tokens(labels):
+    """64 random sequences of 12 tokens in 4 shuffled batches; labels: the tokens themselves (language modelling) or
+    one of 3 classes."""
+
+    def data():
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(VOCAB, (64, LENGTH), generator=g)
+        targets = ids if labels == "tokens" else torch.randint(3, (64,), generator=g)
+        return {"train_dataloaders": DataLoader(TensorDataset(ids, targets), batch_size=16, shuffle=True)}
+
+    return data
+
+
+CASES = [
+    Case("transformers-GPT2LMHeadModel-sdpa", gpt2("sdpa"), tokens("tokens"), requires=("transformers",)),
+    Case("transformers-GPT2LMHeadModel-eager-attention", gpt2("eager"), tokens("tokens"), requires=("transformers",)),
+    Case("transformers-BertForSequenceClassification", bert(), tokens("classes"), requires=("transformers",)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_observation_never_perturbs(case):
+    check_observation_never_perturbs(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_zero_epsilon_shadow_is_the_real_model(case):
+    check_zero_epsilon_shadow_is_the_real_model(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_shadow_is_an_independent_run(case):
+    check_shadow_is_an_independent_run(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_batched_shadows_draw_the_real_dropout_masks_or_say_so(case):
+    run = fit(case, ChaosProbe(epsilon=0.0, num_shadows=4, vectorize="auto", log_every_n_steps=1))
+    assert_probe_healthy(run)
+    assert_untrusted_is_said(run)
+    if run.probe.trusted:
+        bound = 1e-5 * flat_norm(run.params)  # float rounding of a batched kernel, not another mask (≈ 1e-2 here)
+        assert run.probe.distances.max().item() <= bound, (
+            f"trusted, but the ε = 0 batched shadows left the real model by {run.probe.distances.max().item():.3e}"
+        )
+    else:
+        assert run.warned(r"UNTRUSTED|untrusted|dropout|mask")
+    check_observation_never_perturbs(case, ChaosProbe(num_shadows=4, vectorize="auto"), require_trusted=False)
