@@ -24,9 +24,8 @@ This layer knows torch and a LightningModule's hooks; it knows nothing of callba
 import copy
 import inspect
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -94,6 +93,9 @@ class ShadowOptimizer:
         self._module = module
         self._scaler = scaler
         self.context: Optional[BatchContext] = None
+        # the hooks the module defines itself; LightningModule's defaults are no-ops or inlined below, saving their
+        # calls on every step of every shadow
+        self.hooks = frozenset(overridden_hooks(module, TRAINING_HOOKS))
         self.__class__ = type("Shadow" + type(optimizer).__name__, (ShadowOptimizer, type(optimizer)), {})
 
     def __getattr__(self, name: str) -> Any:  # only for what the wrapper does not define itself
@@ -117,10 +119,17 @@ class ShadowOptimizer:
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def _after_closure(self) -> None:
-        module, context = self._module, self.context
-        module.on_before_optimizer_step(self._optimizer)
-        if context is not None:
+        module, context, hooks = self._module, self.context, self.hooks
+        if "on_before_optimizer_step" in hooks:
+            module.on_before_optimizer_step(self._optimizer)
+        if context is None:
+            return
+        if "configure_gradient_clipping" in hooks:
             module.configure_gradient_clipping(
+                self._optimizer, gradient_clip_val=context.clip_val, gradient_clip_algorithm=context.clip_algorithm
+            )
+        elif context.clip_val:  # LightningModule.configure_gradient_clipping's own body
+            module.clip_gradients(
                 self._optimizer, gradient_clip_val=context.clip_val, gradient_clip_algorithm=context.clip_algorithm
             )
 
@@ -144,8 +153,6 @@ class ShadowOptimizer:
         return output
 
     def toggle_model(self, sync_grad: bool = True) -> AbstractContextManager:
-        from contextlib import nullcontext
-
         return nullcontext()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:  # schedule-free's mode switch, when the class has it
@@ -173,8 +180,8 @@ def run_batch(
         The batch's outputs as Lightning hands them to ``on_train_batch_end`` (``{"loss": ..., **extra}``, ``{}`` for a
         skipped step), or None when ``on_train_batch_start`` returned -1; and whether the optimizer was stepped.
     """
-    batch_idx = context.batch_idx
-    if module.on_train_batch_start(batch, batch_idx) == -1:
+    batch_idx, hooks = context.batch_idx, optimizer.hooks
+    if "on_train_batch_start" in hooks and module.on_train_batch_start(batch, batch_idx) == -1:
         return None, False
     result: dict[str, Any] = {}
 
@@ -184,26 +191,43 @@ def run_batch(
         loss, extra = _split_output(output)
         closure_loss = loss / context.accumulate_grad_batches if loss is not None else None
         if not context.skip_backward and batch_idx % context.accumulate_grad_batches == 0:
-            module.on_before_zero_grad(optimizer.optimizer)
-            module.optimizer_zero_grad(context.epoch, batch_idx, optimizer.optimizer)
+            if "on_before_zero_grad" in hooks:
+                module.on_before_zero_grad(optimizer.optimizer)
+            if "optimizer_zero_grad" in hooks:
+                module.optimizer_zero_grad(context.epoch, batch_idx, optimizer.optimizer)
+            else:
+                optimizer.optimizer.zero_grad()
         if not context.skip_backward and closure_loss is not None:
             scaled = scaler.scale(closure_loss) if scaler is not None else closure_loss  # as MixedPrecision.pre_backward
-            module.on_before_backward(scaled)
-            module.backward(scaled)
+            if "on_before_backward" in hooks:
+                module.on_before_backward(scaled)
+            if "backward" in hooks:
+                module.backward(scaled)
+            else:
+                scaled.backward()
             if context.world_size > 1 and context.optimizer_steps:
                 grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                 all_reduce_mean(grads, context.world_size)
-            module.on_after_backward()
+            if "on_after_backward" in hooks:
+                module.on_after_backward()
         result.clear()
         result.update({"loss": closure_loss.detach().clone(), **extra} if closure_loss is not None else {})
         return result.get("loss")
 
     optimizer.context = context
     if context.optimizer_steps and not context.skip_backward:
-        module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
+        if "optimizer_step" in hooks:
+            module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
+        else:  # LightningModule.optimizer_step's own body
+            optimizer.step(closure=closure)
         return result, True
     closure()
     return result, False
+
+
+# Hooks the batched path runs per shadow after its one backward; without any, it needs no per-shadow RNG replay.
+PER_SHADOW_HOOKS = ("on_after_backward", "on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step",
+                    "on_train_batch_end")
 
 
 def mirroring_blocker(module: LightningModule, optimizer: Optimizer) -> Optional[str]:
@@ -237,8 +261,13 @@ def _split_output(output: Any) -> tuple[Optional[Tensor], dict[str, Any]]:
     raise TypeError(f"`training_step` must return a Tensor, a dict with 'loss', or None; got {type(output).__name__}")
 
 
+_IMMUTABLE = (float, int, bool, str, type(None), tuple)
+
+
 def _snapshot_value(value: Any) -> Any:
     # a tensor hyperparameter is compared by identity and version: no copy, no host synchronisation
+    if isinstance(value, _IMMUTABLE):
+        return value
     return ("tensor", id(value), value._version) if isinstance(value, Tensor) else copy.copy(value)
 
 
@@ -371,8 +400,36 @@ def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None
         return optimizer if use_pl_optimizer else optimizer.optimizer
 
     module.optimizers = optimizers  # type: ignore[method-assign]
-    module.lr_schedulers = partial(_no_schedulers)  # type: ignore[method-assign]
+    module.lr_schedulers = _no_schedulers  # type: ignore[method-assign]
 
 
 def _no_schedulers() -> None:
     return None
+
+
+# Where bit identity is not expected (batched kernels, a compiled real model, CUDA), the twin's relative drift must stay
+# below this fraction of the shadows' relative separation: rounding, not a different trajectory.
+SENTINEL_TOLERANCE = 1e-2
+
+
+def sentinel_report(drifts: Tensor, exact: bool, separation: float) -> dict[str, Any]:
+    """The sentinel's verdict on the twin's relative drifts ``[steps]`` (float64, CPU), one per optimizer step.
+
+    Args:
+        exact: bit identity is expected (one at a time, eager, on the CPU or with deterministic algorithms).
+        separation: the shadows' relative initial separation d(0)/‖θ‖ (0 at ε = 0, then 1e-4 stands in).
+
+    Returns:
+        ``steps``, ``max_drift``, ``tolerance`` (0 when exact), ``exact``, ``trusted``, and ``first_drift``: the
+        1-based step of the first drift beyond the tolerance, or None.
+    """
+    tolerance = 0.0 if exact else SENTINEL_TOLERANCE * (separation if separation > 0 else 1e-4)
+    beyond = (~(drifts <= tolerance)).nonzero().flatten()  # NaN counts as beyond
+    return {
+        "steps": len(drifts),
+        "max_drift": drifts.max().item() if len(drifts) else 0.0,
+        "tolerance": tolerance,
+        "exact": exact,
+        "trusted": len(beyond) == 0,
+        "first_drift": int(beyond[0]) + 1 if len(beyond) else None,
+    }

@@ -17,7 +17,7 @@ from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
-from lightning_chaos.mirror import TRAINING_HOOKS, BatchContext, overridden_hooks
+from lightning_chaos.mirror import TRAINING_HOOKS, BatchContext, overridden_hooks, sentinel_report
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, RngState, ShadowEnsemble, capture_rng_state
 from lightning_chaos.vectorized import check_vectorize, worth_vectorizing
 
@@ -26,9 +26,6 @@ _MIN_FIT_POINTS = 4
 _FIT_EVERY_N_LOGS = 10
 # The unit roundoff of the precision the forward and backward run in, where it is coarser than the weights' dtype.
 _COMPUTE_ROUNDOFF = {"bf16": 2.0**-8, "16": 2.0**-11}
-# The sentinel's tolerance where bit identity is not expected (batched kernels, compiled real model, CUDA): the twin's
-# relative drift must stay below this fraction of the shadows' relative initial separation.
-_SENTINEL_TOLERANCE = 1e-2
 _CALLBACK_TRAINING_HOOKS = ("on_train_epoch_start", "on_train_batch_start", "on_before_zero_grad", "on_before_backward",
                             "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end")
 
@@ -615,17 +612,10 @@ class ChaosProbe(Callback):
             ensemble.real_params[0].device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
         )
         separation = (ensemble.initial_distance.double().mean() / ensemble.reference_norm().double()).item()
-        tolerance = 0.0 if exact else _SENTINEL_TOLERANCE * (separation if separation > 0 else 1e-4)
-        bad = (~(drifts <= tolerance)).nonzero().flatten()
-        first_bad = int(bad[0]) + 1 if len(bad) else None
-        self._sentinel = {
-            "steps": len(drifts),
-            "max_drift": drifts.max().item() if len(drifts) else 0.0,
-            "tolerance": tolerance,
-            "exact": exact,
-            "trusted": first_bad is None,
-            "first_drift_step": None if first_bad is None else self._attach_step + first_bad,
-        }
+        report = sentinel_report(drifts, exact, separation)
+        first_bad = report.pop("first_drift")
+        report["first_drift_step"] = None if first_bad is None else self._attach_step + first_bad
+        self._sentinel = report
         ensemble.drop_twin()
         chaos_logging.log_metrics(
             trainer,
@@ -634,9 +624,10 @@ class ChaosProbe(Callback):
             self._attach_step + self._steps,
         )
         if first_bad is not None:
-            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), exact, tolerance))
+            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), report))
 
-    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, exact: bool, tolerance: float) -> str:
+    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, report: dict[str, Any]) -> str:
+        exact, tolerance = report["exact"], report["tolerance"]
         module = trainer.lightning_module
         hooks = overridden_hooks(module, TRAINING_HOOKS)
         callbacks = [

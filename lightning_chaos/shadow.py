@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from lightning_chaos.functional.distance import flat_norm, parameter_distance
 from lightning_chaos.mirror import (
     BatchContext,
+    PER_SHADOW_HOOKS,
     ModuleSync,
     OptimizerSync,
     ShadowOptimizer,
@@ -502,34 +503,38 @@ class ShadowEnsemble:
             self.last_twin_drift = self.twin_drift()
 
     def _run_batch_stacked(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
-        with replayed_rng(rng_state, device):  # under randomness="same" each member draws the real masks
+        with replayed_rng(rng_state, device), _stepping(self.members[0], context.global_step):
+            # under randomness="same" each member draws the real masks
             losses, grads = self.stacked.forward_backward(
                 batch, context.batch_idx, context.step_context, context.accumulate_grad_batches,
                 self._loss_scales(device),
             )
-            after = capture_rng_state(device)
+            hooks = self.facades[0].hooks.intersection(PER_SHADOW_HOOKS)
+            after = capture_rng_state(device) if hooks else None
         first = context.batch_idx % context.accumulate_grad_batches == 0
-        members = range(len(self.members))
-        self.take_gradients(grads, members, first and not context.skip_backward, alive)
+        self.take_gradients(grads, range(len(self.members)), first and not context.skip_backward, alive)
         if context.optimizer_steps and context.world_size > 1:
             self.all_reduce_gradients(context.world_size, alive)
+        losses = losses / context.accumulate_grad_batches
         distances: list[Tensor] = []
-        with _preserved_rng(device, after) as replay:
+        with _preserved_rng(device, after) if hooks else nullcontext() as replay:
             for k, member in enumerate(self.members):
                 live = self._alive(alive, k)
-                if live:
+                if live and hooks:
                     _set_rng_state(replay, device)
-                    loss = losses[k] / context.accumulate_grad_batches
-                    with _stepping(member, context.global_step):
-                        member.on_after_backward()
-                        if context.optimizer_steps:
-                            self.facades[k].context = context
-                            member.optimizer_step(context.epoch, context.batch_idx, self.facades[k],
-                                                  lambda loss=loss: loss)
-                self._measure(k, distances, context)
                 if live:
-                    member.on_train_batch_end({"loss": losses[k] / context.accumulate_grad_batches}, batch,
-                                              context.batch_idx)
+                    facade = self.facades[k]
+                    facade.context = context
+                    with _stepping(member, context.global_step):
+                        if "on_after_backward" in hooks:
+                            member.on_after_backward()
+                        if context.optimizer_steps and "optimizer_step" in hooks:
+                            member.optimizer_step(context.epoch, context.batch_idx, facade, lambda k=k: losses[k])
+                        elif context.optimizer_steps:
+                            facade.step(closure=lambda k=k: losses[k])
+                self._measure(k, distances, context)
+                if live and "on_train_batch_end" in hooks:
+                    member.on_train_batch_end({"loss": losses[k]}, batch, context.batch_idx)
         return torch.stack(distances) if context.optimizer_steps else None
 
     def _stop_vectorizing(self, reason: str) -> None:

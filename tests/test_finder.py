@@ -153,6 +153,75 @@ def test_sweep_leaves_a_dataloaders_own_generator_untouched():
         assert torch.equal(a, b)
 
 
+class _Abort(BaseException):
+    """An interrupt that is not an Exception, like KeyboardInterrupt (which Lightning turns into sys.exit)."""
+
+
+class FailingMLP(DropoutMLP):
+    """Raises ``error`` from the ``at``-th call of ``hook`` on (a stacked sweep turns a step's first error into a
+    fallback to one candidate at a time): every call is a sweep's, as find_chaos_lr trains nothing."""
+
+    calls = [0]  # shared by the sweep's copies of the module
+
+    def __init__(self, hook, error, at):
+        super().__init__()
+        self.hook, self.error, self.at = hook, error, at
+
+    def _count(self, hook):
+        if hook == self.hook:
+            FailingMLP.calls[0] += 1
+            if FailingMLP.calls[0] >= self.at:
+                raise self.error("failing on purpose")
+
+    def training_step(self, batch, batch_idx):
+        self._count("training_step")
+        return super().training_step(batch, batch_idx)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self._count("on_before_batch_transfer")
+        return batch
+
+
+@pytest.mark.parametrize(
+    ("hook", "error", "at"),
+    [
+        ("training_step", ValueError, 4),
+        ("training_step", _Abort, 4),
+        ("on_before_batch_transfer", ValueError, 3),  # while the sweep collects its batches
+    ],
+    ids=["error-in-step", "interrupt-in-step", "error-collecting-batches"],
+)
+def test_a_sweep_that_fails_still_restores_the_rng_streams_and_the_loaders_generator(hook, error, at):
+    """isolate_rng restores the global streams only on a normal exit: after an error in the sweep the next draws of
+    torch, random and NumPy, and the DataLoader's own generator, must be those of a run without the finder."""
+    import random
+
+    import numpy as np
+
+    FailingMLP.calls[0] = 0
+    model = FailingMLP(hook, error, at)
+    trainer = quiet_trainer(max_epochs=1)
+    generator = torch.Generator().manual_seed(7)
+    loader = DataLoader(random_classification(), batch_size=16, shuffle=True, generator=generator)
+    loader_state = generator.get_state()
+
+    def draws():
+        return torch.rand(3), random.random(), np.random.rand()
+
+    L.seed_everything(1234, verbose=False)
+    expected = draws()
+    L.seed_everything(1234, verbose=False)
+    with pytest.raises(error, match="failing on purpose"):
+        find_chaos_lr(trainer, model, train_dataloaders=loader, min_lr=0.01, max_lr=1.0, num_lrs=3,
+                      steps_per_lr=10, refine=0, update_attr=False)
+    assert FailingMLP.calls[0] >= at  # it failed inside the sweep
+    torch_draw, python_draw, numpy_draw = draws()
+    assert torch.equal(torch_draw, expected[0])
+    assert python_draw == expected[1]
+    assert numpy_draw == expected[2]
+    assert torch.equal(generator.get_state(), loader_state)
+
+
 def test_gradient_accumulation_sweeps_like_the_larger_batch():
     """Two batches of 16 accumulated into one step give the sweep of one batch of 32 (same samples, same order):
     Lightning divides each loss by ``accumulate_grad_batches``, and so must the sweep."""
