@@ -40,12 +40,16 @@ def _log_or_nan(value: float) -> float:
 class ChaosProbe(Callback):
     r"""Clone the model into ε-perturbed shadow networks, step them in lockstep with the real one, and measure d(t).
 
-    At fit start the LightningModule is deep-copied into ``num_shadows`` shadows, each displaced by an independent
-    perturbation δ of size ε. Whenever the real optimizer steps, every shadow takes the same step: the same batch,
-    the same dropout masks and random draws (the torch, Python ``random`` and NumPy states the real ``training_step``
-    saw are replayed, then the real streams restored), the param-group
-    hyperparameters of that step (LR schedules are followed), the same gradient clipping and accumulation, inside
-    the same precision context. After every optimizer step the probe measures
+    At the first training batch (or ``start_step``) the LightningModule is deep-copied into ``num_shadows`` shadows,
+    each displaced by an independent perturbation δ of size ε and given its own optimizer. Each shadow is then an
+    independent training from θ + δ (:mod:`lightning_chaos.mirror`): on every batch it goes through the module's own
+    hooks, ``training_step``, ``optimizer_step`` and closure, with itself as ``self`` and its own optimizer; it
+    takes from the real run what others did to it from outside (``requires_grad`` flags, train/eval modes, param
+    groups added, hyperparameters set between optimizer steps by schedulers, an optimizer's train/eval mode) and
+    keeps what its optimizer adapts inside its own step; and it sees the same batch and the same dropout masks and
+    random draws (the torch, Python ``random`` and NumPy states the real batch saw are replayed, then the real
+    streams restored), inside the same precision context. A sentinel (``sentinel_steps``) checks this on the user's
+    model. After every optimizer step the probe measures
 
     .. math::  d_k(t) = \lVert \theta(t) - \tilde\theta_k(t) \rVert
 
