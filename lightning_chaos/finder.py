@@ -481,7 +481,7 @@ class ChaosLRFinder(Callback):
         if not wanted:
             return False
         reason = vectorization_blocker(pl_module, pl_module.device, stacks_the_reference=True) or mirroring_blocker(
-            pl_module, pl_module.trainer.optimizers[0]
+            pl_module, pl_module.trainer.optimizers[0], stacked_optimizer=True
         )
         if reason is not None:
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")

@@ -230,10 +230,15 @@ PER_SHADOW_HOOKS = ("on_after_backward", "on_before_optimizer_step", "configure_
                     "on_train_batch_end")
 
 
-def mirroring_blocker(module: LightningModule, optimizer: Optimizer) -> Optional[str]:
+def mirroring_blocker(module: LightningModule, optimizer: Optimizer, stacked_optimizer: bool = False) -> Optional[str]:
     """Why the batched path cannot mirror ``module`` and ``optimizer``; None if it can. It runs one ``vmap`` forward
-    and backward for all shadows, so it cannot run per shadow what happens inside them, nor re-evaluate the loss."""
-    hooks = overridden_hooks(module, BATCHED_PATH_BLOCKERS)
+    and backward for all shadows, so it cannot run per shadow what happens inside them, nor re-evaluate the loss.
+    ``stacked_optimizer``: the finder's stack also steps all rows at once, so no hook around the step can run per row
+    either (gradient clipping excepted, which it applies per candidate)."""
+    blockers = BATCHED_PATH_BLOCKERS
+    if stacked_optimizer:
+        blockers += tuple(h for h in PER_SHADOW_HOOKS if h != "configure_gradient_clipping")
+    hooks = overridden_hooks(module, blockers)
     if hooks:
         return f"the module overrides {', '.join(hooks)}, which run inside each shadow's forward and backward"
     closure = inspect.signature(type(optimizer).step).parameters.get("closure")

@@ -897,3 +897,42 @@ def test_every_candidate_starts_from_the_state_a_fresh_optimizer_has():
     momentum.step()
     _reset_state(momentum)
     assert not momentum.state
+
+
+class MaskedGradientMLP(DropoutMLP):
+    """Zeroes the first layer's bias gradient in ``on_after_backward``: a hook the candidates must run on themselves."""
+
+    calls = 0
+
+    def on_after_backward(self):
+        MaskedGradientMLP.calls += 1
+        self.net[0].bias.grad.zero_()
+
+
+def test_candidates_run_the_modules_own_hooks_one_at_a_time(caplog):
+    MaskedGradientMLP.calls = 0
+    model = MaskedGradientMLP(dropout=0.0)
+    bias = model.net[0].bias.detach().clone()
+    trainer = quiet_trainer(max_epochs=1)
+    with caplog.at_level(logging.INFO):
+        find_chaos_lr(trainer, model, train_dataloaders=DataLoader(random_classification(), batch_size=16),
+                      min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, num_shadows=1, vectorize=True)
+    assert "overrides on_after_backward" in caplog.text  # a stack cannot run the hook per candidate
+    assert MaskedGradientMLP.calls >= 3 * 2 * 10  # every candidate (reference and shadow) at every step
+    torch.testing.assert_close(model.net[0].bias, bias, rtol=0, atol=0)  # the real model: untouched by the sweep
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "schedule-free"])
+def test_closure_and_mode_optimizers_are_swept_without_error(optimizer):
+    schedulefree = pytest.importorskip("schedulefree") if optimizer == "schedule-free" else None
+
+    class Model(DropoutMLP):
+        def configure_optimizers(self):
+            if schedulefree is not None:  # starts in eval mode: its step refuses to run until .train()
+                return schedulefree.SGDScheduleFree(self.parameters(), lr=self.lr)
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=2)
+
+    result = find_chaos_lr(quiet_trainer(max_epochs=1), Model(dropout=0.0),
+                           train_dataloaders=DataLoader(random_classification(), batch_size=16),
+                           min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, num_shadows=1)
+    assert len(result.lrs) >= 3 and torch.isfinite(torch.as_tensor(result.exponents)).any()
