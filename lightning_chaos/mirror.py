@@ -23,6 +23,7 @@ This layer knows torch and a LightningModule's hooks; it knows nothing of callba
 
 import copy
 import inspect
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -299,7 +300,16 @@ class OptimizerSync:
     def track(self) -> None:
         """Start recording after every real step (the probe; the finder's copies have nothing outside to follow)."""
         if self._handle is None:
-            self._handle = self.optimizer.register_step_post_hook(self._record)
+            # a plain function holding a weak reference: a deep copy or pickle of the real optimizer (its hooks
+            # included) must not drag the shadows along
+            ref = weakref.ref(self)
+
+            def record(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+                sync = ref()
+                if sync is not None:
+                    sync._record(optimizer, args, kwargs)
+
+            self._handle = self.optimizer.register_step_post_hook(record)
 
     def _record(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step = _snapshot(optimizer)
