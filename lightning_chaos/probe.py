@@ -478,12 +478,12 @@ class ChaosProbe(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish_sentinel(trainer)
         attached = (self._ensemble is not None or self._stopped) and not self._disabled
-        if self._steps < _MIN_FIT_POINTS and not self._short_run_reported and attached:
+        if self._steps + 1 < _MIN_FIT_POINTS and not self._short_run_reported and attached:
             self._short_run_reported = True
             rank_zero_warn(
                 f"ChaosProbe: only {self._steps} optimizer step(s) were probed (fast_dev_run, max_steps or"
-                f" limit_train_batches): at least {_MIN_FIT_POINTS} are needed to fit an exponent, so the exponents are"
-                " NaN. Train longer to measure."
+                f" limit_train_batches): fitting an exponent needs d(t) at {_MIN_FIT_POINTS} points, t = 0 included"
+                f" ({_MIN_FIT_POINTS - 1} optimizer steps), so the exponents are NaN. Train longer to measure."
             )
         if self._steps == 0:
             return

@@ -1,6 +1,7 @@
 """The sentinel: an unperturbed twin, stepped like the shadows, must follow the real model; when something outside the
 mirrored path changes the real training, the probe says so and marks its numbers untrusted."""
 
+import math
 import warnings
 
 import lightning as L
@@ -83,7 +84,10 @@ def test_bad_sentinel_steps_are_refused_naming_the_argument(value):
 
 def test_short_runs_warn_that_no_exponent_can_be_fitted():
     messages = fit(ChaosProbe(num_shadows=1), fast_dev_run=True)
-    assert sum("at least 4 are needed to fit an exponent" in m for m in messages) == 1
+    assert sum("fitting an exponent needs d(t) at 4 points" in m for m in messages) == 1
+    probe = ChaosProbe(num_shadows=1)
+    enough = fit(probe, max_steps=3)  # d(t) at t = 0, 1, 2, 3: the fit's 4 points
+    assert not any("needs d(t)" in m for m in enough) and math.isfinite(probe.lyapunov_exponent)
 
 
 def test_bf16_forward_warns_that_the_default_epsilon_is_below_its_rounding():

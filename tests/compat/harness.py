@@ -43,11 +43,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_chaos import ChaosProbe
+from lightning_chaos.logging import FINDER_PREFIX, PREFIX
 
 PROBE_FAULT = "stopped probing after an error"
 CLONE_FAULT = "could not clone the model"
 
 # -- the setups -------------------------------------------------------------------------------------------------------
+
+STATUSES = ("works", "works with a note", "refused with reason")
 
 
 @dataclass
@@ -68,6 +71,13 @@ class Case:
         training_weights_at_end: a callback overwrites the weights in ``on_train_end`` (SWA and EMA copy their average
             in): compare shadows with the weights as training left them, snapshot before any ``on_train_end``.
         requires: third-party modules the case needs: every fit skips the test (``pytest.importorskip``) without them.
+        status: what the probe does with the setup today, one of :data:`STATUSES`: ``"works"`` (the three properties
+            hold), ``"works with a note"`` (they hold, with a caveat the note gives: a warning, agreement to rounding,
+            a point where the probe stops) or ``"refused with reason"`` (``probe.trusted`` is False, with a warning).
+            The README's "Supported setups" table is generated from it (``python tests/compat/table.py --write``).
+        note: one plain-English sentence for the table; required unless the status is ``"works"``. Where
+            ``tolerance`` is set it must say "rounding" (the README's table promises bit for bit otherwise).
+        setup: the setup in words (Markdown) for the table; the name by default.
     """
 
     name: str
@@ -80,6 +90,18 @@ class Case:
     probe: dict = field(default_factory=dict)
     training_weights_at_end: bool = False
     requires: tuple[str, ...] = ()
+    status: str = ""
+    note: str = ""
+    setup: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"Case {self.name!r}: `status` must be one of {STATUSES}, got {self.status!r}")
+        if self.status != "works" and not self.note:
+            raise ValueError(f"Case {self.name!r}: status {self.status!r} needs a `note` saying what to know")
+        if self.tolerance is not None and self.status != "refused with reason" and "rounding" not in self.note:
+            raise ValueError(f"Case {self.name!r}: compared to rounding (`tolerance`), so its `note` must say so")
+        self.setup = self.setup or self.name
 
     def __str__(self) -> str:
         return self.name
@@ -255,11 +277,17 @@ def fit(case: Case, probe: Optional[ChaosProbe] = None, start_from: Optional[Cal
         buffers=named_buffers(module),
         optimizer_state=flat(copy.deepcopy(trainer.optimizers[0].state_dict())),
         rng=rng,
-        metrics={k: v.detach().clone() for k, v in trainer.callback_metrics.items() if not k.startswith("chaos/")},
+        metrics={k: v.detach().clone() for k, v in trainer.callback_metrics.items() if not is_chaos_tag(k)},
         warnings=list(caught),
         training_weights=weights.params if case.training_weights_at_end else named_parameters(module),
         training_buffers=weights.buffers if case.training_weights_at_end else named_buffers(module),
     )
+
+
+def is_chaos_tag(tag: str) -> bool:
+    """A metric of the probe's (``chaos/...``) or of the finder's (``chaos_lr_finder/...``): left out of the comparison
+    of logged metrics."""
+    return tag.split("/", 1)[0] in (PREFIX, FINDER_PREFIX)
 
 
 _PLAIN_RUNS: dict[str, Run] = {}

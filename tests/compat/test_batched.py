@@ -47,10 +47,19 @@ class CarriesState(MLP):
         return loss
 
 
+FAMILY = "Batched path (4 shadows), state in a plain attribute"
+
 CASES = [
-    Case("batched-state-in-a-plain-attribute", CarriesState, loaders, probe={"num_shadows": 4}, tolerance=ROUNDING),
+    Case("batched-state-in-a-plain-attribute", CarriesState, loaders, probe={"num_shadows": 4}, tolerance=ROUNDING,
+         status="works with a note",
+         setup="`training_step` keeps a tensor in `self.state` and reuses it the next step, 4 shadows",
+         note="vmap cannot batch a step that keeps a tensor in a plain attribute: the shadows fall back to one at a"
+              " time, each with its own state (asserted to rounding)."),
     Case("batched-LightningLSTM-demo", TinyLightningLSTM, dict, trainer={"gradient_clip_val": 0.25},
-         probe={"num_shadows": 4}, tolerance=ROUNDING),
+         probe={"num_shadows": 4}, tolerance=ROUNDING, status="works with a note",
+         setup="Lightning's LSTM demo (above) with 4 shadows",
+         note="vmap has no batching rule for `nn.LSTM`: the shadows fall back to one at a time (asserted to"
+              " rounding)."),
 ]
 
 

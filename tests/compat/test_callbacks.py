@@ -65,13 +65,23 @@ def ema():
     return [pytest.importorskip("lightning.pytorch.callbacks").EMAWeightAveraging(decay=0.9)]
 
 
+FAMILY = "Callbacks that change training"
+
 CASES = [
     Case("BackboneFinetuning-unfreeze-at-epoch-1", WithBackbone, loaders, trainer={"max_epochs": 3},
-         callbacks=backbone_finetuning),
+         callbacks=backbone_finetuning, status="works",
+         setup="`BackboneFinetuning(unfreeze_backbone_at_epoch=1)`: `requires_grad` flips, `add_param_group` mid-fit",
+         note="The shadows get the new param group and the unfrozen backbone too."),
     Case("StochasticWeightAveraging", MLP, loaders, trainer={"max_epochs": 3}, callbacks=swa,
-         training_weights_at_end=True),
+         training_weights_at_end=True, status="works with a note",
+         setup="`StochasticWeightAveraging` (no BatchNorm): `SWALR` swapped in from epoch 1",
+         note="SWA copies its average into the model at train end: the shadows are compared with the trained weights"
+              " before that."),
     Case("EMAWeightAveraging+validation", MLP, lambda: loaders(validation=True), callbacks=ema,
-         training_weights_at_end=True),
+         training_weights_at_end=True, status="works with a note",
+         setup="`EMAWeightAveraging(decay=0.9)` + validation (the average is swapped in for validation)",
+         note="EMA copies its average into the model at train end: the shadows are compared with the trained weights"
+              " before that."),
 ]
 
 
@@ -100,8 +110,12 @@ def test_backbone_finetuning_gives_the_shadows_the_new_param_group():
 
 # -- SWA with BatchNorm: an extra epoch on the averaged weights -------------------------------------------------------
 
-SWA_BATCHNORM = Case("StochasticWeightAveraging+BatchNorm", lambda: MLP(batchnorm=True), loaders,
-                     trainer={"max_epochs": 3}, callbacks=swa, training_weights_at_end=True)
+SWA_BATCHNORM = Case(
+    "StochasticWeightAveraging+BatchNorm", lambda: MLP(batchnorm=True), loaders, trainer={"max_epochs": 3},
+    callbacks=swa, training_weights_at_end=True, status="works with a note",
+    setup="`StochasticWeightAveraging` + BatchNorm: an extra epoch that only updates BatchNorm on the averaged weights",
+    note="The probe stops at SWA's BatchNorm epoch with a warning; its results up to there stay.",
+)
 STEPS_BEFORE_THE_BATCHNORM_EPOCH = 3 * 4  # 3 epochs of 4 batches; SWA then adds a 4th that only updates BatchNorm
 
 
@@ -138,7 +152,12 @@ def unshuffled():
     return {"train_dataloaders": DataLoader(classification(), batch_size=16, shuffle=False)}
 
 
-RESUME = Case("ModelCheckpoint+resume", resumable_model, unshuffled, trainer={"max_epochs": 4})
+RESUME = Case(
+    "ModelCheckpoint+resume", resumable_model, unshuffled, trainer={"max_epochs": 4}, status="works with a note",
+    setup="`ModelCheckpoint(save_last=True)` + resume from `last.ckpt`",
+    note="A resumed probe ends as an uninterrupted one where Lightning resumes exactly: an end-of-epoch checkpoint,"
+         " and no dropout or shuffling (Lightning does not restore the global RNG streams).",
+)
 
 
 def probes(epsilon):

@@ -61,16 +61,26 @@ def compiled(backend, dropout=0.1):
     return lambda: torch.compile(LogsOutsideTheStep(dropout), backend=backend)
 
 
+FAMILY = "torch.compile"
+EAGER_SHADOWS = "The shadows run eagerly: they agree with the compiled model to rounding."
+
 CASES = [
-    Case("compile-module-eager-backend", compiled("eager"), loaders),
+    Case("compile-module-eager-backend", compiled("eager"), loaders, status="works",
+         setup='`torch.compile(module, backend="eager")`',
+         note='The shadows run eagerly: bit for bit with `backend="eager"` (Dynamo tracing only).'),
     Case("compile-module-aot_eager-accumulate-2", compiled("aot_eager"), loaders,
-         trainer={"accumulate_grad_batches": 2}, tolerance=ROUNDING),
-    Case("compile-module-inductor", compiled("inductor", dropout=0.0), loaders, tolerance=ROUNDING),
+         trainer={"accumulate_grad_batches": 2}, tolerance=ROUNDING, status="works with a note", note=EAGER_SHADOWS,
+         setup='`torch.compile(module, backend="aot_eager")` + `accumulate_grad_batches=2`'),
+    Case("compile-module-inductor", compiled("inductor", dropout=0.0), loaders, tolerance=ROUNDING,
+         status="works with a note", note=EAGER_SHADOWS, setup="`torch.compile(module)` (inductor), no dropout"),
     Case("compile-module-inductor-accumulate-2", compiled("inductor", dropout=0.0), loaders,
-         trainer={"accumulate_grad_batches": 2}, tolerance=ROUNDING),
+         trainer={"accumulate_grad_batches": 2}, tolerance=ROUNDING, status="works with a note", note=EAGER_SHADOWS,
+         setup="`torch.compile(module)` (inductor), no dropout, + `accumulate_grad_batches=2`"),
     # four shadows: the batched path, under which a compiled submodule would recompile and the real one round otherwise
     Case("compile-submodule-inductor-batched", CompiledSubmodule, loaders, tolerance=ROUNDING,
-         probe={"num_shadows": 4}),
+         probe={"num_shadows": 4}, status="works with a note",
+         note="The shadows run eagerly, batched: they agree with the compiled model to rounding.",
+         setup="a module with a `torch.compile(nn.Sequential(...))` submodule (inductor), 4 shadows, batched"),
 ]
 
 
@@ -107,8 +117,12 @@ def test_zero_epsilon_batched_shadows_of_a_compiled_submodule_follow_the_real_mo
 # Inductor draws dropout masks its own way (a seed taken from the torch stream, then its own generator; unless
 # torch._inductor.config.fallback_random): the same RNG state gives an eager shadow other masks than the compiled real
 # model. The probe must follow the compiled masks or say that it cannot.
-INDUCTOR_DROPOUT = Case("compile-module-inductor-dropout", compiled("inductor", dropout=0.1), loaders,
-                        tolerance=ROUNDING)
+INDUCTOR_DROPOUT = Case(
+    "compile-module-inductor-dropout", compiled("inductor", dropout=0.1), loaders, tolerance=ROUNDING,
+    status="refused with reason", setup="`torch.compile(module)` (inductor) with dropout",
+    note="Inductor draws its own dropout masks, which the eager shadows cannot repeat: the sentinel flags the probe"
+         " untrusted, with a warning.",
+)
 
 
 def test_inductor_dropout_observation_never_perturbs():

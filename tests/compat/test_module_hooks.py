@@ -78,14 +78,25 @@ class OwnClipping(MLP):
         self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
 
 
+FAMILY = "LightningModule hooks"
+
 CASES = [
-    Case("LightningLSTM-demo", TinyLightningLSTM, dict, trainer={"gradient_clip_val": 0.25}),
-    Case("on_after_backward-gradient-mask", GradientMask, loaders),
-    Case("on_train_batch_end-max-norm", MaxNormConstraint, loaders),
-    Case("optimizer_step-manual-warm-up", ManualWarmUp, loaders),
-    Case("lr_scheduler_step-override", EveryOtherSchedulerStep, loaders),
-    Case("configure_gradient_clipping-docstring", ClipFromEpochOne, loaders, trainer={"gradient_clip_val": 0.05}),
-    Case("configure_gradient_clipping-own-value", OwnClipping, loaders),
+    Case("LightningLSTM-demo", TinyLightningLSTM, dict, trainer={"gradient_clip_val": 0.25}, status="works",
+         setup="Lightning's LSTM demo (`lightning.pytorch.demos.lstm.LightningLSTM`): `self.hidden` carried between"
+               " batches, reset in `on_train_epoch_end`, `SequenceSampler`, gradient clipping 0.25"),
+    Case("on_after_backward-gradient-mask", GradientMask, loaders, status="works",
+         setup="gradient mask in `on_after_backward`"),
+    Case("on_train_batch_end-max-norm", MaxNormConstraint, loaders, status="works",
+         setup="max-norm weight constraint in `on_train_batch_end`"),
+    Case("optimizer_step-manual-warm-up", ManualWarmUp, loaders, status="works",
+         setup="`optimizer_step` override: manual LR warm-up (its docstring's recipe)"),
+    Case("lr_scheduler_step-override", EveryOtherSchedulerStep, loaders, status="works",
+         setup="`lr_scheduler_step` override that steps the scheduler every other call"),
+    Case("configure_gradient_clipping-docstring", ClipFromEpochOne, loaders, trainer={"gradient_clip_val": 0.05},
+         status="works", setup="`configure_gradient_clipping` override, its docstring's recipe (the Trainer's value,"
+                               " from epoch 1 on)"),
+    Case("configure_gradient_clipping-own-value", OwnClipping, loaders, status="works",
+         setup="`configure_gradient_clipping` override with its own value, no Trainer `gradient_clip_val`"),
 ]
 
 

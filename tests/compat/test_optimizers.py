@@ -63,22 +63,33 @@ def lbfgs(dropout):
 
 with_validation = lambda: loaders(validation=True)  # noqa: E731
 
+FAMILY = "Optimizers"
+OWN_D = "Each shadow computes its own `d` (step size), not the real model's."
+
 CASES = [
     Case("schedulefree-AdamWScheduleFree+validation", schedule_free("AdamWScheduleFree", lr=1e-2, warmup_steps=2),
-         with_validation, requires=("schedulefree",)),
+         with_validation, requires=("schedulefree",), status="works",
+         setup="`schedulefree.AdamWScheduleFree` + validation: `.train()` in `on_train_epoch_start` and"
+               " `on_validation_epoch_end`, `.eval()` in `on_validation_epoch_start`",
+         note="The shadows' optimizers follow the train/eval mode switches."),
     Case("schedulefree-SGDScheduleFree+validation", schedule_free("SGDScheduleFree", lr=0.1), with_validation,
-         requires=("schedulefree",)),
-    Case("LBFGS-closure", lbfgs(dropout=0.0), loaders),
-    Case("LBFGS-closure+dropout", lbfgs(dropout=0.1), loaders),
-    Case("prodigyopt-Prodigy", with_optimizer("prodigyopt", "Prodigy", lr=1.0), loaders, requires=("prodigyopt",)),
+         requires=("schedulefree",), status="works",
+         setup="`schedulefree.SGDScheduleFree` + validation, the same recipe"),
+    Case("LBFGS-closure", lbfgs(dropout=0.0), loaders, status="works",
+         setup="`torch.optim.LBFGS(max_iter=4)` (a closure optimizer)"),
+    Case("LBFGS-closure+dropout", lbfgs(dropout=0.1), loaders, status="works",
+         setup="`torch.optim.LBFGS(max_iter=4)` with dropout"),
+    Case("prodigyopt-Prodigy", with_optimizer("prodigyopt", "Prodigy", lr=1.0), loaders, requires=("prodigyopt",),
+         status="works", setup="`prodigyopt.Prodigy(lr=1.0)`", note=OWN_D),
     Case("dadaptation-DAdaptAdam", with_optimizer("dadaptation", "DAdaptAdam", lr=1.0), loaders,
-         requires=("dadaptation",)),
+         requires=("dadaptation",), status="works", setup="`dadaptation.DAdaptAdam(lr=1.0)`", note=OWN_D),
     Case("pytorch_optimizer-Lion", with_optimizer("pytorch_optimizer", "Lion", lr=1e-3), loaders,
-         requires=("pytorch_optimizer",)),
+         requires=("pytorch_optimizer",), status="works", setup="`pytorch_optimizer.Lion`"),
     Case("pytorch_optimizer-Ranger", with_optimizer("pytorch_optimizer", "Ranger", lr=1e-2), loaders,
-         requires=("pytorch_optimizer",)),
+         requires=("pytorch_optimizer",), status="works",
+         setup="`pytorch_optimizer.Ranger` (Lookahead every 6 steps, `step_counter` in the param group)"),
     Case("pytorch_optimizer-AdaBelief", with_optimizer("pytorch_optimizer", "AdaBelief", lr=1e-2), loaders,
-         requires=("pytorch_optimizer",)),
+         requires=("pytorch_optimizer",), status="works", setup="`pytorch_optimizer.AdaBelief`"),
 ]
 ADAPTIVE = {case.name: case for case in CASES if case.name.startswith(("prodigyopt", "dadaptation"))}
 

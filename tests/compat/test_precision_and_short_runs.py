@@ -27,9 +27,20 @@ from harness import (
 )
 from lightning_chaos import ChaosProbe
 
-BF16 = Case("precision-bf16-mixed", MLP, loaders, trainer={"precision": "bf16-mixed"})
-FLOAT64 = Case("precision-64-true", MLP, loaders, trainer={"precision": "64-true"})
-FAST_DEV_RUN = Case("fast_dev_run", MLP, loaders, trainer={"fast_dev_run": True})
+FAMILY = "Precision and short runs"
+TOO_SHORT = "Warns that fitting an exponent needs d(t) at 4 points (3 optimizer steps)."
+
+BF16 = Case("precision-bf16-mixed", MLP, loaders, trainer={"precision": "bf16-mixed"}, status="works with a note",
+            setup='`precision="bf16-mixed"`',
+            note="Warns that the default ε = 1e-4 is below bf16's rounding and names the ε to use (`epsilon=0.04`).")
+FLOAT64 = Case("precision-64-true", MLP, loaders, trainer={"precision": "64-true"}, status="works",
+               setup='`precision="64-true"`', note="The shadows are float64 too.")
+FAST_DEV_RUN = Case("fast_dev_run", MLP, loaders, trainer={"fast_dev_run": True}, status="works with a note",
+                    setup="`fast_dev_run=True`",
+                    note="Warns once that one step is too few to fit an exponent (Λ is NaN); ε = 0 stays exact.")
+# A window fit needs 4 recorded distances: a run of 2 or 3 steps has 3 or 4 (d(0) included).
+SHORT_RUNS = [Case(f"max_steps={steps}", MLP, loaders, trainer={"max_steps": steps}, status="works with a note",
+                   setup=f"`max_steps={steps}`", note=TOO_SHORT) for steps in (1, 2)]
 
 BF16_WARNING = r"(?i)bf16|bfloat16"
 NO_EXPONENT = r"(?i)\bexponents?\b"  # the word: not `probe.lyapunov_exponent` in the no-logger hint
@@ -121,10 +132,9 @@ def test_zero_epsilon_works_in_a_fast_dev_run():
     assert run.probe.distances.shape == (2, 1) and (run.probe.distances == 0).all()
 
 
-@pytest.mark.parametrize("max_steps", [2, 3])
-def test_runs_too_short_to_fit_say_so_too(max_steps):
-    """A window fit needs 4 recorded distances: a run of 2 or 3 steps has 3 or 4 (d(0) included)."""
-    run = fit(Case(f"max_steps={max_steps}", MLP, loaders), ChaosProbe(num_shadows=1), max_steps=max_steps)
+@pytest.mark.parametrize("case", SHORT_RUNS, ids=str)
+def test_runs_too_short_to_fit_say_so_too(case):
+    run = fit(case, ChaosProbe(num_shadows=1))
     assert_probe_healthy(run)
     if math.isnan(run.probe.lyapunov_exponent):
         assert run.warned(NO_EXPONENT), "no exponent, and nothing said about it"
