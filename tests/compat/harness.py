@@ -40,6 +40,9 @@ from lightning.pytorch.demos import lstm
 from lightning.pytorch.demos import transformer as transformer_demo
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: its conftest, as a script (table.py) too
+from conftest import quiet_trainer  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_chaos import ChaosProbe
@@ -108,19 +111,8 @@ class Case:
 
 
 def trainer_for(**kwargs: Any) -> L.Trainer:
-    """A quiet CPU Trainer (no progress bar, logger, checkpoints, summary or sanity check) plus ``kwargs``."""
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        max_epochs=2,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    """The suite's quiet CPU Trainer (``conftest.quiet_trainer``), two epochs unless ``kwargs`` say otherwise."""
+    return quiet_trainer(**{"max_epochs": 2, **kwargs})
 
 
 # -- small models and data ------------------------------------------------------------------------------------------

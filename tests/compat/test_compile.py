@@ -24,7 +24,6 @@ from harness import (
     assert_untrusted_is_said,
     assert_zero_epsilon_agreement,
     check_observation_never_perturbs,
-    check_shadow_is_an_independent_run,
     check_zero_epsilon_shadow_is_the_real_model,
     fit,
     loaders,
@@ -92,20 +91,6 @@ def fresh_dynamo():
     yield
     torch._dynamo.reset()
 
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_observation_never_perturbs(case):
-    check_observation_never_perturbs(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_zero_epsilon_shadow_is_the_real_model(case):
-    check_zero_epsilon_shadow_is_the_real_model(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_shadow_is_an_independent_run(case):
-    check_shadow_is_an_independent_run(case)
 
 
 def test_zero_epsilon_batched_shadows_of_a_compiled_submodule_follow_the_real_model():

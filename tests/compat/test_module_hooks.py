@@ -4,16 +4,12 @@ A shadow that skips them is no longer an independent run of the same program: ε
 and an ε > 0 shadow ends away from the separate fit started from its initial state.
 """
 
-import pytest
 import torch
 
 from harness import (
     MLP,
     Case,
     TinyLightningLSTM,
-    check_observation_never_perturbs,
-    check_shadow_is_an_independent_run,
-    check_zero_epsilon_shadow_is_the_real_model,
     loaders,
 )
 
@@ -99,17 +95,3 @@ CASES = [
          setup="`configure_gradient_clipping` override with its own value, no Trainer `gradient_clip_val`"),
 ]
 
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_observation_never_perturbs(case):
-    check_observation_never_perturbs(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_zero_epsilon_shadow_is_the_real_model(case):
-    check_zero_epsilon_shadow_is_the_real_model(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_shadow_is_an_independent_run(case):
-    check_shadow_is_an_independent_run(case)

@@ -15,7 +15,6 @@ import torch
 from harness import (
     MLP,
     Case,
-    check_observation_never_perturbs,
     check_shadow_is_an_independent_run,
     check_zero_epsilon_shadow_is_the_real_model,
     group_keys,
@@ -93,20 +92,6 @@ CASES = [
 ]
 ADAPTIVE = {case.name: case for case in CASES if case.name.startswith(("prodigyopt", "dadaptation"))}
 
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_observation_never_perturbs(case):
-    check_observation_never_perturbs(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_zero_epsilon_shadow_is_the_real_model(case):
-    check_zero_epsilon_shadow_is_the_real_model(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_shadow_is_an_independent_run(case):
-    check_shadow_is_an_independent_run(case)
 
 
 @pytest.mark.parametrize("name", list(ADAPTIVE))

@@ -23,8 +23,6 @@ from harness import (
     assert_probe_healthy,
     assert_untrusted_is_said,
     check_observation_never_perturbs,
-    check_shadow_is_an_independent_run,
-    check_zero_epsilon_shadow_is_the_real_model,
     fit,
     flat_norm,
 )
@@ -100,20 +98,6 @@ CASES = [
          setup="`BertForSequenceClassification` (1 layer, 16 wide), SDPA attention and hidden dropout 0.1, AdamW"),
 ]
 
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_observation_never_perturbs(case):
-    check_observation_never_perturbs(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_zero_epsilon_shadow_is_the_real_model(case):
-    check_zero_epsilon_shadow_is_the_real_model(case)
-
-
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_shadow_is_an_independent_run(case):
-    check_shadow_is_an_independent_run(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
