@@ -830,8 +830,8 @@ class _Candidate:
         """The reference's and the shadows' whole batch through the module's own hooks and ``optimizer_step``
         (:mod:`lightning_chaos.mirror`: closure optimizers, a warm-up in ``optimizer_step``, gradient hooks);
         the reference's training loss."""
-        self.reference.run_batch(batch, context, rng_state, device, changes=None, follow_outside=False)
-        self.shadows.run_batch(batch, context, rng_state, device, changes=None, follow_outside=False)
+        self.reference.run_batch(batch, context, rng_state, device, follow_outside=False)
+        self.shadows.run_batch(batch, context, rng_state, device, follow_outside=False)
         loss = self.reference.last_losses[0]
         return None if loss is None else loss * context.accumulate_grad_batches
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -94,6 +95,7 @@ class ShadowOptimizer:
         self._module = module
         self._scaler = scaler
         self.context: Optional[BatchContext] = None
+        self.sync: Optional["OptimizerSync"] = None  # the probe's: what the real optimizer got from outside
         # the hooks the module defines itself; LightningModule's defaults are no-ops or inlined below, saving their
         # calls on every step of every shadow
         self.hooks = frozenset(overridden_hooks(module, TRAINING_HOOKS))
@@ -136,21 +138,31 @@ class ShadowOptimizer:
 
     def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
         closure = closure if closure is not None else (lambda: None)
+        sync = self.sync
         if self._scaler is None:
             def wrapped() -> Any:
                 result = closure()
                 self._after_closure()
                 return result
 
-            return self._optimizer.step(closure=wrapped, **kwargs)
+            if sync is not None:
+                sync.apply(self._optimizer, sync.during)  # what the real optimizer got just before its step
+            output = self._optimizer.step(closure=wrapped, **kwargs)
+            if sync is not None:
+                sync.register(self._optimizer)
+            return output
         result = closure()
-        if result is not None:  # as Lightning's MixedPrecision: no unscale when backward was skipped
+        if result is not None and not _optimizer_handles_unscaling(self._optimizer):  # as Lightning's MixedPrecision
             self._scaler.unscale_(self._optimizer)
         self._after_closure()
         if result is None:
             return result
+        if sync is not None:
+            sync.apply(self._optimizer, sync.during)
         output = self._scaler.step(self._optimizer, **kwargs)
         self._scaler.update()
+        if sync is not None:
+            sync.register(self._optimizer)
         return output
 
     def toggle_model(self, sync_grad: bool = True) -> AbstractContextManager:
@@ -282,58 +294,92 @@ def _snapshot(optimizer: Optimizer) -> list[dict[str, Any]]:
 
 
 class OptimizerSync:
-    """Replays on shadow optimizers what happened to the real optimizer *outside* its ``step``.
+    """Replays on shadow optimizers what was done to the real optimizer from *outside* its ``step``.
 
-    A hook after every real ``step`` (``register_step_post_hook``) records the param groups as the step left them.
-    Before each shadow step, :meth:`changes` lists the group keys whose value differs from that record: those were
-    set from outside (an LR scheduler, SWA's schedule, a warm-up in ``optimizer_step``, a callback), and every shadow
-    takes them. Keys the optimizer changed inside its own step (Prodigy's ``d``) are not listed: each shadow's own
-    optimizer keeps its own. Param groups added to the real optimizer (``BackboneFinetuning``) are added to each shadow
-    optimizer over the shadow's parameters, with a copy of the real state of those parameters.
+    The real optimizer's param groups are compared with a reference record at sync points: the start and the end of
+    every real batch (around the shadows' own batch) and the epoch hooks. A key whose value changed since the record
+    was set by someone (an LR scheduler, SWA's schedule, a warm-up callback, the module's own hooks), and is copied to
+    every shadow whose own value of that key did not change since *its* record: a change the shadow's own hooks made
+    (a warm-up in ``optimizer_step``, a decay in ``on_train_batch_end``, maybe from its own trajectory) is not applied
+    twice. Changes made during a real batch, up to the real ``step`` (a callback listed after the probe), are read by
+    a hook before that step (``register_step_pre_hook``) and given to each shadow right before its own step, by the
+    same rule. After a step, both records are renewed: what an optimizer changes inside its own step (Prodigy's or
+    D-Adaptation's ``d``) stays each shadow's own. Param groups added to the real optimizer (``BackboneFinetuning``)
+    are added to each shadow optimizer over the shadow's parameters, with a copy of the real state of those
+    parameters.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
-        self._after_step = _snapshot(optimizer)
-        self._handle: Optional[Any] = None
+        self._base = _snapshot(optimizer)
+        self._shadow_bases: dict[int, list[dict[str, Any]]] = {}
+        self.during: Optional[list[dict[str, Any]]] = None  # set on the real optimizer within this batch, before its step
+        self._handles: list[Any] = []
 
     def track(self) -> None:
-        """Start recording after every real step (the probe; the finder's copies have nothing outside to follow)."""
-        if self._handle is None:
-            # a plain function holding a weak reference: a deep copy or pickle of the real optimizer (its hooks
-            # included) must not drag the shadows along
-            ref = weakref.ref(self)
+        """Start following the real optimizer's steps (the probe; the finder's copies have nothing outside to follow)."""
+        if self._handles:
+            return
+        # plain functions holding a weak reference: a deep copy or pickle of the real optimizer (its hooks included)
+        # must not drag the shadows along
+        ref = weakref.ref(self)
 
-            def record(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-                sync = ref()
-                if sync is not None:
-                    sync._record(optimizer, args, kwargs)
+        def before_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            sync = ref()
+            if sync is not None:
+                sync.during = sync.changes()
 
-            self._handle = self.optimizer.register_step_post_hook(record)
+        def after_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            sync = ref()
+            if sync is not None:
+                sync._base = _snapshot(optimizer)
 
-    def _record(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self._after_step = _snapshot(optimizer)
+        self._handles = [self.optimizer.register_step_pre_hook(before_step),
+                         self.optimizer.register_step_post_hook(after_step)]
 
-    def state_dict(self) -> list[dict[str, Any]]:
-        """The groups as the real optimizer's last step left them, for a checkpoint: on resume, Lightning restores the
-        real optimizer wholesale, and only what changed since that step (a scheduler's last update) is news to the
-        shadows; what its own steps had set (Prodigy's ``d``) is not. A tensor value is stored as unknown: replayed."""
-        return [{k: "<tensor>" if isinstance(v, tuple) and v[:1] == ("tensor",) else v for k, v in group.items()}
-                for group in self._after_step]
-
-    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        self._after_step = [dict(group) for group in state]
+    def register(self, shadow_optimizer: Optimizer) -> None:
+        """Take ``shadow_optimizer``'s groups as they are now as its record (at attach, and after each of its steps)."""
+        self._shadow_bases[id(shadow_optimizer)] = _snapshot(shadow_optimizer)
 
     def changes(self) -> list[dict[str, Any]]:
-        """Per existing real param group, the hyperparameters set from outside since the last step (their values now)."""
+        """Per real param group, the keys changed since the record, with their values now (tensors cloned: a scheduler
+        updates a tensor learning rate in place)."""
         changed = []
         for g, group in enumerate(self.optimizer.param_groups):
-            before = self._after_step[g] if g < len(self._after_step) else {}
+            before = self._base[g] if g < len(self._base) else {}
             changed.append({
-                k: v for k, v in group.items()
+                k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()
                 if k not in _NOT_REPLAYED and (k not in before or before[k] != _snapshot_value(v))
             })
         return changed
+
+    def sync(self, shadow_optimizers: Sequence[Optimizer]) -> None:
+        """A sync point: give every shadow what changed on the real optimizer since the last, and renew the records
+        (a shadow's too, even with nothing to give: what its own hooks change from here on is its own)."""
+        changes = self.changes()
+        for optimizer in shadow_optimizers:
+            self.apply(optimizer, changes)
+        self._base = _snapshot(self.optimizer)
+
+    def apply(self, shadow_optimizer: Optimizer, changes: Optional[list[dict[str, Any]]]) -> None:
+        """Copy ``changes`` to one shadow optimizer, but for the keys it changed itself since its record; renew it."""
+        base = self._shadow_bases.get(id(shadow_optimizer), [])
+        for g, (group, values) in enumerate(zip(shadow_optimizer.param_groups, changes or ())):
+            for key, value in values.items():
+                if g < len(base) and key in base[g] and base[g][key] != _snapshot_value(group.get(key)):
+                    continue  # the shadow's own hooks set it: its own value
+                group[key] = value.clone() if isinstance(value, Tensor) else copy.copy(value)
+        self.register(shadow_optimizer)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The reference record, for a checkpoint: on resume, Lightning restores the real optimizer wholesale, and only
+        what changed since the record is news to the shadows; what the real steps had set (Prodigy's ``d``) is not.
+        A tensor value is stored as unknown: replayed."""
+        return [{k: "<tensor>" if isinstance(v, tuple) and v[:1] == ("tensor",) else v for k, v in group.items()}
+                for group in self._base]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        self._base = [dict(group) for group in state]
 
     def add_new_groups(self, shadow_optimizer: Optimizer, param_map: dict[int, Tensor]) -> None:
         """Add the param groups added to the real optimizer since (``BackboneFinetuning``), over the shadow's own
@@ -349,12 +395,6 @@ class OptimizerSync:
                 if real_p in self.optimizer.state:
                     shadow_optimizer.state[shadow_p] = copy.deepcopy(self.optimizer.state[real_p])
 
-    def replay(self, shadow_optimizer: Optimizer, changes: list[dict[str, Any]]) -> None:
-        """Apply ``changes`` (from :meth:`changes`) to one shadow optimizer."""
-        for group, values in zip(shadow_optimizer.param_groups, changes):
-            for key, value in values.items():
-                group[key] = value.clone() if isinstance(value, Tensor) else copy.copy(value)
-
     def sync_mode(self, shadow_optimizer: Optimizer) -> None:
         """An optimizer with a train/eval mode (schedule-free moves the parameters between its sequences on a switch):
         switch the shadow's the way the real one was switched, with the shadow's own parameters."""
@@ -364,9 +404,9 @@ class OptimizerSync:
         getattr(shadow_optimizer, "train" if real_mode else "eval")()
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class ModuleSync:

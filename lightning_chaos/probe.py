@@ -228,7 +228,7 @@ class ChaosProbe(Callback):
         self._logs_written = 0
         self._last_logged_step: Optional[int] = None
         self._rng_state: Optional[RngState] = None
-        self._changes: Optional[list[dict[str, Any]]] = None
+        self._real_stepped = False
         self._drifts: list[Tensor] = []  # the twin's relative drift after each step of the sentinel's window
         self._sentinel: Optional[dict[str, Any]] = None
         self._sentinel_exact = True
@@ -416,7 +416,7 @@ class ChaosProbe(Callback):
                 vectorize=self._should_vectorize(trainer, pl_module),
                 twin=self.sentinel_steps > 0 and restored is None,
             )
-            self._ensemble.optimizer_sync.track()
+            self._ensemble.follow_real_optimizer()
         except Exception as error:  # an odd module (say, one deepcopy cannot copy) must not stop the training
             self._ensemble = None
             self._disable(f"ChaosProbe could not clone the model into shadows: {error!r}")
@@ -448,7 +448,9 @@ class ChaosProbe(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Step-interval schedulers run before on_train_batch_end: read what was set from outside the step now.
         if self._active:
-            self._changes = self._guarded(self._ensemble.optimizer_sync.changes)
+            self._real_stepped = True
+            sync = self._ensemble.optimizer_sync
+            sync.during = self._guarded(sync.changes)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -555,13 +557,13 @@ class ChaosProbe(Callback):
                 " update on the averaged weights): the real model is no longer trained, so there is nothing to compare"
             ))
             return
-        changes, self._changes = self._changes, None
+        stepped, self._real_stepped = self._real_stepped, False
         context = BatchContext(
             batch_idx=batch_idx,
             epoch=trainer.current_epoch,
             global_step=self._batch_global_step,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
-            optimizer_steps=changes is not None,
+            optimizer_steps=stepped,
             step_context=trainer.precision_plugin.train_step_context,
             clip_val=trainer.gradient_clip_val,
             clip_algorithm=trainer.gradient_clip_algorithm,
@@ -569,7 +571,7 @@ class ChaosProbe(Callback):
         )
         ensemble = self._ensemble
         batched = ensemble.vectorized
-        distances = ensemble.run_batch(batch, context, self._rng_state, pl_module.device, changes, alive=self._alive)
+        distances = ensemble.run_batch(batch, context, self._rng_state, pl_module.device, alive=self._alive)
         self._rng_state = None
         if distances is None:  # accumulating: the real optimizer did not step on this batch
             return
@@ -598,6 +600,7 @@ class ChaosProbe(Callback):
     def _mirror_epoch_hook(self, hook: str, pl_module: LightningModule) -> None:
         if self._active:
             self._guarded(self._ensemble.sync_optimizer_modes)
+            self._guarded(self._ensemble.sync_outside)
             self._guarded(self._ensemble.epoch_hook, hook, capture_rng_state(pl_module.device), pl_module.device,
                           self._alive)
 

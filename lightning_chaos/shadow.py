@@ -414,12 +414,26 @@ class ShadowEnsemble:
 
     # -- the mirrored step (the probe) ----------------------------------------------------------------------------
 
+    def follow_real_optimizer(self) -> None:
+        """Follow what is done to the real optimizer from outside (:class:`~lightning_chaos.mirror.OptimizerSync`):
+        the probe's shadows do; the finder's copies train at settings of their own."""
+        self.optimizer_sync.track()
+        for optimizer, facade in zip(self.member_optimizers, self.facades):
+            facade.sync = self.optimizer_sync
+            self.optimizer_sync.register(optimizer)
+
     def capture_outside(self) -> None:
         """At the start of a real batch: record the real module's flags (:class:`~lightning_chaos.mirror.ModuleSync`),
-        and give every member the param groups added to the real optimizer since."""
+        and give every member the param groups added to the real optimizer and the hyperparameters set on it since."""
         self.module_sync.capture()
         for optimizer, param_map in zip(self.member_optimizers, self.param_maps):
             self.optimizer_sync.add_new_groups(optimizer, param_map)
+        self.optimizer_sync.sync(self.member_optimizers)
+        self.optimizer_sync.during = None
+
+    def sync_outside(self) -> None:
+        """A sync point between batches (the epoch hooks): hyperparameters set on the real optimizer since the last."""
+        self.optimizer_sync.sync(self.member_optimizers)
 
     def sync_optimizer_modes(self) -> None:
         """Switch every member's optimizer mode (schedule-free ``train()``/``eval()``) the way the real one is now."""
@@ -440,16 +454,12 @@ class ShadowEnsemble:
         context: BatchContext,
         rng_state: RngState,
         device: torch.device,
-        changes: Optional[list[dict[str, Any]]],
         alive: Optional[list[bool]] = None,
         follow_outside: bool = True,
     ) -> Optional[Tensor]:
         """Every live member's training batch, as the real model's went (:func:`~lightning_chaos.mirror.run_batch`).
 
         Args:
-            changes: what was set on the real optimizer from outside since its last step
-                (:meth:`~lightning_chaos.mirror.OptimizerSync.changes`), replayed before the members step; None on a
-                batch where the real optimizer did not step.
             follow_outside: copy the real module's flags and the real optimizer's mode onto the members first. The
                 finder's copies train at settings of their own and leave it off.
 
@@ -464,9 +474,6 @@ class ShadowEnsemble:
             if trainable_changed:
                 self._refresh_trainable()
             self.sync_optimizer_modes()
-        if changes is not None:
-            for optimizer in self.member_optimizers:
-                self.optimizer_sync.replay(optimizer, changes)
         if self.vectorized:
             try:
                 return self._run_batch_stacked(batch, context, rng_state, device, alive)
@@ -479,6 +486,7 @@ class ShadowEnsemble:
 
     def _run_batch_sequential(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
         distances: list[Tensor] = []
+        after = self._changes_since_the_batch_began()
         with _preserved_rng(device, rng_state) as replay:
             for k, member in enumerate(self.members):
                 outputs = None
@@ -488,9 +496,24 @@ class ShadowEnsemble:
                         outputs, _ = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
                 self.last_losses[k] = None if outputs is None else outputs.get("loss")
                 self._measure(k, distances, context)
+                self._give(k, after)
                 if outputs is not None:
                     member.on_train_batch_end(outputs, batch, context.batch_idx)
+        self._renew_record(after)
         return torch.stack(distances) if context.optimizer_steps else None
+
+    def _changes_since_the_batch_began(self) -> Optional[list[dict[str, Any]]]:
+        """What was set on the real optimizer after its step (a scheduler steps before ``on_train_batch_end``), to
+        give each member after its own step, so that its ``on_train_batch_end`` reads what the real one reads."""
+        return self.optimizer_sync.changes() if self.facades and self.facades[0].sync is not None else None
+
+    def _give(self, k: int, changes: Optional[list[dict[str, Any]]]) -> None:
+        if changes is not None:
+            self.optimizer_sync.apply(self.member_optimizers[k], changes)
+
+    def _renew_record(self, changes: Optional[list[dict[str, Any]]]) -> None:
+        if changes is not None:
+            self.optimizer_sync.sync([])  # the members have them: the real optimizer's record moves on
 
     def _measure(self, k: int, distances: list[Tensor], context: BatchContext) -> None:
         """Member k's separation after its step and before its ``on_train_batch_end``: where the real model stands
@@ -517,6 +540,7 @@ class ShadowEnsemble:
             self.all_reduce_gradients(context.world_size, alive)
         losses = losses / context.accumulate_grad_batches
         distances: list[Tensor] = []
+        changes = self._changes_since_the_batch_began()
         with _preserved_rng(device, after) if hooks else nullcontext() as replay:
             for k, member in enumerate(self.members):
                 live = self._alive(alive, k)
@@ -533,8 +557,10 @@ class ShadowEnsemble:
                         elif context.optimizer_steps:
                             facade.step(closure=lambda k=k: losses[k])
                 self._measure(k, distances, context)
+                self._give(k, changes)
                 if live and "on_train_batch_end" in hooks:
                     member.on_train_batch_end({"loss": losses[k]}, batch, context.batch_idx)
+        self._renew_record(changes)
         return torch.stack(distances) if context.optimizer_steps else None
 
     def _stop_vectorizing(self, reason: str) -> None:
