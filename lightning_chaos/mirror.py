@@ -35,13 +35,14 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-# Hooks that run inside the forward and backward of a batch: the batched (vmap) path cannot run them per shadow.
+# Hooks that run inside the forward and backward of a batch: the batched (vmap) path cannot run them per shadow; nor
+# on_train_batch_end, which receives everything training_step returned, where the vmap keeps the loss only.
 BATCHED_PATH_BLOCKERS = ("on_train_batch_start", "on_before_zero_grad", "optimizer_zero_grad", "on_before_backward",
-                         "backward")
+                         "backward", "on_train_batch_end")
 # The module hooks the Trainer calls during a training batch or epoch, mirrored on every shadow.
 TRAINING_HOOKS = (*BATCHED_PATH_BLOCKERS, "training_step", "on_after_backward", "on_before_optimizer_step",
-                  "configure_gradient_clipping", "optimizer_step", "on_train_batch_end", "on_train_epoch_start",
-                  "on_train_epoch_end", "lr_scheduler_step")
+                  "configure_gradient_clipping", "optimizer_step", "on_train_epoch_start", "on_train_epoch_end",
+                  "lr_scheduler_step")
 # Group keys that are not hyperparameters to replay: the parameters, and a mode that has its own protocol.
 _NOT_REPLAYED = ("params", "train_mode")
 
@@ -239,8 +240,7 @@ def run_batch(
 
 
 # Hooks the batched path runs per shadow after its one backward; without any, it needs no per-shadow RNG replay.
-PER_SHADOW_HOOKS = ("on_after_backward", "on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step",
-                    "on_train_batch_end")
+PER_SHADOW_HOOKS = ("on_after_backward", "on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step")
 
 
 def mirroring_blocker(module: LightningModule, optimizer: Optimizer, stacked_optimizer: bool = False) -> Optional[str]:
@@ -448,18 +448,29 @@ def run_epoch_hook(modules: Sequence[LightningModule], hook: str) -> None:
 
 def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None:
     """Make ``self.optimizers()`` in the shadow's hooks return the shadow's optimizer (a hook that switches a
-    schedule-free optimizer's mode must switch the shadow's), and ``self.lr_schedulers()`` none: stepping the real
-    schedulers from a shadow would change the real training."""
+    schedule-free optimizer's mode must switch the shadow's)."""
 
     def optimizers(use_pl_optimizer: bool = True) -> Optimizer:
         return optimizer if use_pl_optimizer else optimizer.optimizer
 
     module.optimizers = optimizers  # type: ignore[method-assign]
-    module.lr_schedulers = _no_schedulers  # type: ignore[method-assign]
 
 
-def _no_schedulers() -> None:
-    return None
+class ShadowScheduler:
+    """What a shadow's hooks get from ``self.lr_schedulers()``: the real scheduler to read (``get_last_lr()``), whose
+    ``step`` does nothing here. The real hook steps the real scheduler, and what that sets on the real optimizer
+    reaches the shadow's (:class:`OptimizerSync`); stepping it again from a shadow would change the real training."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_scheduler" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_scheduler"], name)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 # Where bit identity is not expected (batched kernels, a compiled real model, CUDA), the twin's relative drift must stay

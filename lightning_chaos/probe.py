@@ -6,6 +6,7 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -344,6 +345,7 @@ class ChaosProbe(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._run_after_other_callbacks(trainer)
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "ChaosProbe supports automatic optimization only; this LightningModule sets"
@@ -360,6 +362,17 @@ class ChaosProbe(Callback):
                 f"ChaosProbe supports multi-process training through DDP only; found {strategy_name} with"
                 f" world_size={trainer.world_size}."
             )
+
+    def _run_after_other_callbacks(self, trainer: Trainer) -> None:
+        """Move the probe after every other callback (checkpointing excepted, which Lightning keeps last), so that its
+        hooks see what the others did to the real training in the same hook (a warm-up callback's LR in
+        ``on_before_optimizer_step``, random draws in ``on_train_batch_start``) and only the module's own hooks, which
+        the shadows run themselves, come after it. The probe only observes: the others keep their order."""
+        callbacks = trainer.callbacks
+        if self not in callbacks:
+            return
+        checkpoints = [c for c in callbacks if isinstance(c, Checkpoint)]
+        callbacks[:] = [c for c in callbacks if c is not self and not isinstance(c, Checkpoint)] + [self, *checkpoints]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._disabled = False
@@ -514,7 +527,8 @@ class ChaosProbe(Callback):
             "alive": list(self._alive),
             "time_to_target": self._time_to_target,
             "elapsed_seconds": self._elapsed_seconds(),
-            "sentinel": self._sentinel,
+            # a checkpoint inside the sentinel's window keeps its verdict so far: the twin is not saved
+            "sentinel": self._sentinel if self._sentinel is not None else self._sentinel_so_far(),
         }
         if self._stopped:
             return {**state, "stopped": True, "running_exponents": self._final_running}
@@ -536,6 +550,11 @@ class ChaosProbe(Callback):
         self._attach_step = state.get("attach_step", 0)
         self._history = [state["distances"].to(torch.float64)]
         self._sentinel = state.get("sentinel")
+        if self._sentinel is not None and not self._sentinel["trusted"]:
+            rank_zero_warn(
+                f"ChaosProbe: the probe in this checkpoint was marked UNTRUSTED by its sentinel (the unperturbed twin"
+                f" left the real model at step {self._sentinel['first_drift_step']}); the resumed results stay so."
+            )
         if state.get("stopped"):
             self._stopped = True
             self._final_running = state["running_exponents"]
@@ -608,13 +627,12 @@ class ChaosProbe(Callback):
         if self._active:
             self._guarded(self._ensemble.sync_optimizer_modes)
 
-    def _finish_sentinel(self, trainer: Trainer) -> None:
-        """End the sentinel's window: compare the twin's drift with what the path promises, report, free the twin."""
+    def _sentinel_so_far(self) -> Optional[dict[str, Any]]:
+        """The sentinel's verdict on the steps checked so far (its whole window once it ended), or None."""
         ensemble = self._ensemble
         if ensemble is None or not ensemble.has_twin:
-            return
+            return None
         drifts = torch.stack(self._drifts).double().cpu() if self._drifts else torch.zeros(0, dtype=torch.float64)
-        self._drifts = []
         exact = self._sentinel_exact and not ensemble.compiled and (
             ensemble.real_params[0].device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
         )
@@ -622,6 +640,17 @@ class ChaosProbe(Callback):
         report = sentinel_report(drifts, exact, separation)
         first_bad = report.pop("first_drift")
         report["first_drift_step"] = None if first_bad is None else self._attach_step + first_bad
+        return report
+
+    def _finish_sentinel(self, trainer: Trainer) -> None:
+        """End the sentinel's window: compare the twin's drift with what the path promises, report, free the twin."""
+        ensemble = self._ensemble
+        report = self._sentinel_so_far()
+        if report is None:
+            return
+        first_bad = None if report["first_drift_step"] is None else report["first_drift_step"] - self._attach_step
+        drift = None if first_bad is None else float(self._drifts[first_bad - 1])
+        self._drifts = []
         self._sentinel = report
         ensemble.drop_twin()
         chaos_logging.log_metrics(
@@ -631,7 +660,7 @@ class ChaosProbe(Callback):
             self._attach_step + self._steps,
         )
         if first_bad is not None:
-            rank_zero_warn(self._untrusted_message(trainer, first_bad, drifts[first_bad - 1].item(), report))
+            rank_zero_warn(self._untrusted_message(trainer, first_bad, drift, report))
 
     def _untrusted_message(self, trainer: Trainer, step: int, drift: float, report: dict[str, Any]) -> str:
         exact, tolerance = report["exact"], report["tolerance"]

@@ -5,6 +5,7 @@ what the real model saw (batch, RNG state, hyperparameters, clipping) and when t
 """
 
 import copy
+import dataclasses
 import inspect
 import random
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from lightning_chaos.mirror import (
     ModuleSync,
     OptimizerSync,
     ShadowOptimizer,
+    ShadowScheduler,
     all_reduce_mean,
     bind_optimizers,
     mirroring_blocker,
@@ -133,19 +135,14 @@ def _no_log(*_: Any, **__: Any) -> None:
     """Stands in for a shadow's ``self.log``: the user's metrics must only see the real model."""
 
 
-class _ShadowTrainerView:
-    """What a shadow's ``training_step`` sees as ``self.trainer``: the real trainer to read (epoch, global step,
-    strategy), its own copy of anything it sets (``self.trainer.should_stop = True`` on a shadow's NaN loss must not
-    stop the real run), and Lightning's ``DummyLogger`` for every logger (``self.logger.experiment.add_scalar`` must
-    not write a shadow's values into the user's logs)."""
+class _Isolated:
+    """A view of ``real`` for a shadow: reads go through to it, writes stay on the view (``isinstance`` still holds)."""
 
-    def __init__(self, trainer: Any) -> None:
-        object.__setattr__(self, "_real", trainer)
-        object.__setattr__(self, "loggers", [DummyLogger() for _ in trainer.loggers])
-        object.__setattr__(self, "logger", self.loggers[0] if self.loggers else None)
+    def __init__(self, real: Any) -> None:
+        object.__setattr__(self, "_real", real)
 
     @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance(self.trainer, Trainer) holds in a shadow's training_step too
+    def __class__(self) -> type:  # isinstance(self.trainer, Trainer) holds in a shadow's hooks too
         return type(self.__dict__["_real"])
 
     def __getattr__(self, name: str) -> Any:  # called only for what the view does not hold itself
@@ -154,7 +151,25 @@ class _ShadowTrainerView:
         return getattr(self.__dict__["_real"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)  # kept on the view: the real trainer is not touched
+        object.__setattr__(self, name, value)  # kept on the view: the real object is not touched
+
+
+class _ShadowTrainerView(_Isolated):
+    """What a shadow's hooks see as ``self.trainer``: the real trainer to read (epoch, global step, strategy), its own
+    copy of anything it sets (``self.trainer.should_stop = True`` on a shadow's NaN loss must not stop the real run),
+    the shadow itself as ``lightning_module``, a view of the datamodule that keeps its writes too (a curriculum's
+    ``self.trainer.datamodule.difficulty += 1`` in a mirrored epoch hook), and Lightning's ``DummyLogger`` for every
+    logger (``self.logger.experiment.add_scalar`` must not write a shadow's values into the user's logs)."""
+
+    def __init__(self, trainer: Any, shadow: Optional[LightningModule] = None) -> None:
+        super().__init__(trainer)
+        object.__setattr__(self, "loggers", [DummyLogger() for _ in trainer.loggers])
+        object.__setattr__(self, "logger", self.loggers[0] if self.loggers else None)
+        if shadow is not None:
+            object.__setattr__(self, "lightning_module", shadow)
+            object.__setattr__(self, "model", shadow)
+        datamodule = getattr(trainer, "datamodule", None)
+        object.__setattr__(self, "datamodule", None if datamodule is None else _Isolated(datamodule))
 
     @contextmanager
     def stepping(self, global_step: int) -> Iterator[None]:
@@ -238,7 +253,7 @@ def make_shadow_module(module: LightningModule) -> LightningModule:
     _uncompiled(shadow)
     if trainer is not None:
         real = trainer._real if isinstance(trainer, _ShadowTrainerView) else trainer
-        shadow._trainer = _ShadowTrainerView(real)
+        shadow._trainer = _ShadowTrainerView(real, shadow)
     shadow.log = _no_log  # type: ignore[method-assign]
     shadow.log_dict = _no_log  # type: ignore[method-assign]
     return shadow
@@ -340,8 +355,12 @@ class ShadowEnsemble:
             facade = ShadowOptimizer(shadow_optimizer, shadow, scaler)
             self.facades.append(facade)
             if isinstance(shadow._trainer, _ShadowTrainerView):
-                object.__setattr__(shadow._trainer, "optimizers", [shadow_optimizer])
-                object.__setattr__(shadow._trainer, "lr_scheduler_configs", [])
+                view = shadow._trainer
+                object.__setattr__(view, "optimizers", [shadow_optimizer])
+                object.__setattr__(view, "lr_scheduler_configs", [
+                    dataclasses.replace(config, scheduler=ShadowScheduler(config.scheduler))
+                    for config in getattr(view._real, "lr_scheduler_configs", [])
+                ])
             bind_optimizers(shadow, facade)
         self.module_sync = ModuleSync(module)
         self.optimizer_sync = OptimizerSync(optimizer)

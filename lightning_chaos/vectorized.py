@@ -12,7 +12,7 @@ candidates of a whole learning-rate grid) decide when to use it.
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -182,13 +182,15 @@ class _TrainingStep(nn.Module):
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
         changed = _changed_state(self.module, before)
         if changed:
-            # A batched tensor kept in a plain attribute would escape the vmap: put the old values back. The states of
-            # torchmetrics' metrics are observation only (a shadow logs nothing) and may stay as they were; any other
-            # (a recurrent hidden state) carries the training from step to step, and the step is redone one by one.
+            # Whatever training_step keeps outside its parameters and buffers happened once, in the first row, with
+            # batched tensors that must not escape the vmap: put it back. The states of torchmetrics' metrics are
+            # observation only (a shadow logs nothing) and may stay as they were; anything else (a recurrent hidden
+            # state, a list of outputs, a step counter) is part of each shadow's own run: the step is redone one by one.
             _restore(self.module, before)
             carried = [name for name, metric in changed if not metric]
             if carried:
-                raise NotVectorizable(f"training_step keeps a tensor in the plain attribute {carried[0]!r}")
+                raise NotVectorizable(f"training_step changes the plain attribute {carried[0]!r} (state kept between"
+                                      " steps, which each shadow must keep for itself)")
         return output
 
 
@@ -196,18 +198,32 @@ def _is_state(value: Any) -> bool:
     return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and isinstance(value[0], Tensor))
 
 
-def _plain_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
-    """A shallow copy of every submodule's plain attributes: cheap, and enough to see a tensor put in one."""
-    return [(submodule, dict(submodule.__dict__)) for submodule in module.modules()]
+_CONTAINERS = (list, dict, set)
 
 
-def _changed_state(module: nn.Module, before: list[tuple[nn.Module, dict[str, Any]]]) -> list[tuple[str, bool]]:
-    """(name, in a torchmetrics Metric) of each plain attribute that holds a tensor now or held one, and changed."""
+class _Attributes(NamedTuple):
+    module: nn.Module
+    values: dict[str, Any]  # a shallow copy of the module's plain attributes
+    sizes: dict[str, int]  # the length of each list, dict or set among them: an append keeps the identity
+
+
+def _plain_attributes(module: nn.Module) -> list[_Attributes]:
+    """A shallow copy of every submodule's plain attributes, and the sizes of its containers: cheap, and enough to see
+    a tensor, a number or an appended output kept by ``training_step``."""
+    return [
+        _Attributes(m, dict(m.__dict__), {k: len(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
+        for m in module.modules()
+    ]
+
+
+def _changed_state(module: nn.Module, before: list[_Attributes]) -> list[tuple[str, bool]]:
+    """(name, in a torchmetrics Metric) of each plain attribute that ``training_step`` replaced or grew."""
     changed = []
-    for submodule, saved in before:
+    for submodule, saved, sizes in before:
         for key, value in submodule.__dict__.items():
-            old = saved.get(key, _MISSING)
-            if value is not old and (_is_state(value) or _is_state(old)):
+            replaced = value is not saved.get(key, _MISSING)
+            grown = not replaced and key in sizes and len(value) != sizes[key]
+            if replaced or grown:
                 changed.append((key, isinstance(submodule, Metric)))
     return changed
 
@@ -215,17 +231,17 @@ def _changed_state(module: nn.Module, before: list[tuple[nn.Module, dict[str, An
 _MISSING = object()
 
 
-def _restore(module: nn.Module, before: list[tuple[nn.Module, dict[str, Any]]]) -> None:
-    for submodule, saved in before:
+def _restore(module: nn.Module, before: list[_Attributes]) -> None:
+    for submodule, saved, sizes in before:
         attributes = submodule.__dict__
         for key in {*attributes, *saved}:
             old, new = saved.get(key, _MISSING), attributes.get(key, _MISSING)
-            if old is new or not (_is_state(old) or _is_state(new)):
-                continue
             if old is _MISSING:
                 del attributes[key]
-            else:
+            elif old is not new:
                 attributes[key] = old
+            elif isinstance(new, list) and len(new) > sizes.get(key, len(new)):
+                del new[sizes[key]:]  # outputs appended in the batched step, batched tensors among them
 
 
 def _stack_into_views(tensors_per_module: Sequence[Sequence[Tensor]]) -> list[Tensor]:

@@ -68,10 +68,10 @@ def test_probes_that_differ_only_in_renormalisation_share_a_trainer_and_each_res
 
 
 class ShadowFaultAtStep3(DropoutMLP):
-    """A fault in the shadows only (a shadow is not the trainer's LightningModule), once, at global step 3."""
+    """A fault in the shadows only, once, at global step 3."""
 
     def training_step(self, batch, batch_idx):
-        if self.global_step == 3 and self.trainer.lightning_module is not self:
+        if self.global_step == 3 and type(self.trainer) is not L.Trainer:  # a shadow reads the trainer through a view
             raise RuntimeError("a transient fault in a shadow")
         return super().training_step(batch, batch_idx)
 
