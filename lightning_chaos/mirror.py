@@ -148,10 +148,7 @@ class ShadowOptimizer:
 
             if sync is not None:
                 sync.apply(self._optimizer, sync.during)  # what the real optimizer got just before its step
-            output = self._optimizer.step(closure=wrapped, **kwargs)
-            if sync is not None:
-                sync.register(self._optimizer)
-            return output
+            return self._optimizer.step(closure=wrapped, **kwargs)
         result = closure()
         if result is not None and not _optimizer_handles_unscaling(self._optimizer):  # as Lightning's MixedPrecision
             self._scaler.unscale_(self._optimizer)
@@ -162,8 +159,6 @@ class ShadowOptimizer:
             sync.apply(self._optimizer, sync.during)
         output = self._scaler.step(self._optimizer, **kwargs)
         self._scaler.update()
-        if sync is not None:
-            sync.register(self._optimizer)
         return output
 
     def toggle_model(self, sync_grad: bool = True) -> AbstractContextManager:
@@ -280,6 +275,7 @@ def _split_output(output: Any) -> tuple[Optional[Tensor], dict[str, Any]]:
 
 
 _IMMUTABLE = (float, int, bool, str, type(None), tuple)
+_MISSING = object()
 
 
 def _snapshot_value(value: Any) -> Any:
@@ -349,20 +345,29 @@ class OptimizerSync:
             before = self._base[g] if g < len(self._base) else {}
             changed.append({
                 k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()
-                if k not in _NOT_REPLAYED and (k not in before or before[k] != _snapshot_value(v))
+                if k not in _NOT_REPLAYED and before.get(k, _MISSING) != _snapshot_value(v)
             })
         return changed
 
     def sync(self, shadow_optimizers: Sequence[Optimizer]) -> None:
-        """A sync point: give every shadow what changed on the real optimizer since the last, and renew the records
-        (a shadow's too, even with nothing to give: what its own hooks change from here on is its own)."""
+        """A sync point: give every shadow what changed on the real optimizer since the last, and renew the record."""
         changes = self.changes()
         for optimizer in shadow_optimizers:
             self.apply(optimizer, changes)
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Take the real optimizer's groups as they are now as the record."""
         self._base = _snapshot(self.optimizer)
 
     def apply(self, shadow_optimizer: Optimizer, changes: Optional[list[dict[str, Any]]]) -> None:
-        """Copy ``changes`` to one shadow optimizer, but for the keys it changed itself since its record; renew it."""
+        """Copy ``changes`` to one shadow optimizer, but for the keys it changed itself since its record; renew it.
+
+        With nothing to copy the record stays as it is (the common case, at every sync point of every step): what the
+        shadow changed since is still its own, and the keys its optimizer changes inside its step (Prodigy's ``d``)
+        are not set from outside."""
+        if not changes or not any(changes):
+            return
         base = self._shadow_bases.get(id(shadow_optimizer), [])
         for g, (group, values) in enumerate(zip(shadow_optimizer.param_groups, changes or ())):
             for key, value in values.items():

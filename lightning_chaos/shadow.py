@@ -532,7 +532,7 @@ class ShadowEnsemble:
 
     def _renew_record(self, changes: Optional[list[dict[str, Any]]]) -> None:
         if changes is not None:
-            self.optimizer_sync.sync([])  # the members have them: the real optimizer's record moves on
+            self.optimizer_sync.rebase()  # the members have them: the real optimizer's record moves on
 
     def _measure(self, k: int, distances: list[Tensor], context: BatchContext) -> None:
         """Member k's separation after its step and before its ``on_train_batch_end``: where the real model stands
