@@ -207,7 +207,8 @@ def run_batch(
             else:
                 optimizer.optimizer.zero_grad()
         if not context.skip_backward and closure_loss is not None:
-            scaled = scaler.scale(closure_loss) if scaler is not None else closure_loss  # as MixedPrecision.pre_backward
+            # scaled first, as MixedPrecision.pre_backward does
+            scaled = scaler.scale(closure_loss) if scaler is not None else closure_loss
             if "on_before_backward" in hooks:
                 module.on_before_backward(scaled)
             if "backward" in hooks:
@@ -286,7 +287,11 @@ def _snapshot_value(value: Any) -> Any:
 
 
 def _snapshot(optimizer: Optimizer) -> list[dict[str, Any]]:
-    return [{k: _snapshot_value(v) for k, v in g.items() if k not in _NOT_REPLAYED} for g in optimizer.param_groups]
+    # runs a few times per step: immutable values (nearly all of them) skip the call
+    return [
+        {k: v if type(v) in _IMMUTABLE else _snapshot_value(v) for k, v in g.items() if k not in _NOT_REPLAYED}
+        for g in optimizer.param_groups
+    ]
 
 
 class OptimizerSync:
@@ -297,41 +302,38 @@ class OptimizerSync:
     was set by someone (an LR scheduler, SWA's schedule, a warm-up callback, the module's own hooks), and is copied to
     every shadow whose own value of that key did not change since *its* record: a change the shadow's own hooks made
     (a warm-up in ``optimizer_step``, a decay in ``on_train_batch_end``, maybe from its own trajectory) is not applied
-    twice. Changes made during a real batch, up to the real ``step`` (a callback listed after the probe), are read by
-    a hook before that step (``register_step_pre_hook``) and given to each shadow right before its own step, by the
-    same rule. After a step, both records are renewed: what an optimizer changes inside its own step (Prodigy's or
-    D-Adaptation's ``d``) stays each shadow's own. Param groups added to the real optimizer (``BackboneFinetuning``)
-    are added to each shadow optimizer over the shadow's parameters, with a copy of the real state of those
-    parameters.
+    twice. Changes made during a real batch, up to the real ``step`` (by a callback's ``on_before_optimizer_step``,
+    which the probe runs after), are read in the probe's ``on_before_optimizer_step`` (:attr:`during`) and given to
+    each shadow right before its own step, by the same rule. The real record is renewed after every real step, so
+    what an optimizer changes inside its own step (Prodigy's or D-Adaptation's ``d``) is never taken for a change
+    from outside: it stays each shadow's own. Param groups
+    added to the real optimizer (``BackboneFinetuning``) are added to each shadow optimizer over the shadow's
+    parameters, with a copy of the real state of those parameters.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
         self._base = _snapshot(optimizer)
         self._shadow_bases: dict[int, list[dict[str, Any]]] = {}
-        self.during: Optional[list[dict[str, Any]]] = None  # set on the real optimizer within this batch, before its step
+        # set on the real optimizer within this batch, before its step
+        self.during: Optional[list[dict[str, Any]]] = None
         self._handles: list[Any] = []
 
     def track(self) -> None:
-        """Start following the real optimizer's steps (the probe; the finder's copies have nothing outside to follow)."""
+        """Start following the real optimizer's steps (the probe's shadows; the finder's copies have nothing outside
+        to follow)."""
         if self._handles:
             return
-        # plain functions holding a weak reference: a deep copy or pickle of the real optimizer (its hooks included)
+        # a plain function holding a weak reference: a deep copy or pickle of the real optimizer (its hooks included)
         # must not drag the shadows along
         ref = weakref.ref(self)
-
-        def before_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            sync = ref()
-            if sync is not None:
-                sync.during = sync.changes()
 
         def after_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
             sync = ref()
             if sync is not None:
                 sync._base = _snapshot(optimizer)
 
-        self._handles = [self.optimizer.register_step_pre_hook(before_step),
-                         self.optimizer.register_step_post_hook(after_step)]
+        self._handles = [self.optimizer.register_step_post_hook(after_step)]
 
     def register(self, shadow_optimizer: Optimizer) -> None:
         """Take ``shadow_optimizer``'s groups as they are now as its record (at attach, and after each of its steps)."""
@@ -345,7 +347,8 @@ class OptimizerSync:
             before = self._base[g] if g < len(self._base) else {}
             changed.append({
                 k: v.clone() if isinstance(v, Tensor) else v for k, v in group.items()
-                if k not in _NOT_REPLAYED and before.get(k, _MISSING) != _snapshot_value(v)
+                if k not in _NOT_REPLAYED
+                and before.get(k, _MISSING) != (v if type(v) in _IMMUTABLE else _snapshot_value(v))
             })
         return changed
 
