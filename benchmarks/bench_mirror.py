@@ -307,6 +307,41 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace, rounds: int) 
           + ", ".join(f"{arm} {value:+.5f}" for arm, value in summary["lyapunov_median"].items()))
 
 
+def bookkeeping_micro(repeats: int = 20000) -> dict[str, float]:
+    """Microseconds per step of what the mirroring adds besides running the shadow's own hooks: following the real
+    run from outside (flags, modes, param groups, hyperparameters), each piece called ``repeats`` times in a tight
+    loop on an attached probe of the quickstart model (K = 1). Stable where whole-step timings on a shared machine
+    are not."""
+    timings: dict[str, float] = {}
+
+    class Measure(Callback):
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            probe = next(c for c in trainer.callbacks if isinstance(c, lightning_chaos.ChaosProbe))
+            ensemble, sync = probe._ensemble, probe._ensemble.optimizer_sync
+
+            def per_call(fn: Any) -> float:
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                return (time.perf_counter() - start) / repeats * 1e6
+
+            timings["batch start: flags, new param groups, changes since"] = per_call(ensemble.capture_outside)
+            timings["on_before_optimizer_step: changes during the batch"] = per_call(sync.changes)
+            timings["after the real step: its record"] = per_call(sync.rebase)
+            timings["batch end: changes since the step, given, record"] = per_call(
+                lambda: (ensemble._give(0, ensemble._changes_since_the_batch_began()), ensemble._renew_record([{}])))
+            timings["every batch: train/eval flags and optimizer modes"] = per_call(
+                lambda: (ensemble.module_sync.apply(ensemble.members[0]), ensemble.sync_optimizer_modes()))
+
+    _, make_model, make_data = MODELS[MODEL]
+    trainer = Trainer(max_epochs=1, callbacks=[lightning_chaos.ChaosProbe(num_shadows=1), Measure()], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(make_model(), datamodule=make_data())
+    timings["total"] = sum(timings.values())
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="HEAD", help="git revision of the 'before' package (default HEAD)")
@@ -366,6 +401,7 @@ def main() -> None:
                 fits.append(result)
             print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    micro = bookkeeping_micro()
     summary = summarize(fits, args.shadows)
     first = fits[0]["per_step"]
     print(f"\n{MODELS[MODEL][0]}; {args.epochs} epochs per fit, measured from step {first['first_measured_step']}"
@@ -375,6 +411,9 @@ def main() -> None:
     print("\nwall ms/step per round: " + "; ".join(
         f"{arm} " + " ".join(f"{f['per_step']['wall_s'] * 1e3:.2f}" for f in fits if f["arm"] == arm) for arm in arms
     ))
+    print("\nWhat following the real run from outside costs per step (K = 1, tight loop):")
+    for name, microseconds in micro.items():
+        print(f"  {name:55s} {microseconds:6.1f} us")
     busiest = max(f["loadavg_1min_after"] for f in fits)
     own = torch.get_num_threads()
     if busiest > max(os.cpu_count() or 1, own) + 0.5:  # this run's own threads count in the load average too
@@ -382,7 +421,7 @@ def main() -> None:
               " of them this run's): other processes shared the cores; read the per-round times before the ratios.")
     env["loadavg_at_end"] = os.getloadavg()  # a shared machine's load: wall times under load are not comparable
     output = {"environment": env, "args": vars(args), "arms": arms, "sentinel_window_steps": window,
-              "fits": fits, "summary": summary}
+              "fits": fits, "summary": summary, "bookkeeping_us_per_step": micro}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(output, f, indent=1, default=str)

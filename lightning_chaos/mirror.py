@@ -198,7 +198,9 @@ def run_batch(
         with context.step_context():
             output = module.training_step(batch, batch_idx)
         loss, extra = _split_output(output)
-        closure_loss = loss / context.accumulate_grad_batches if loss is not None else None
+        closure_loss = loss
+        if loss is not None and context.accumulate_grad_batches > 1:  # Lightning divides by 1 too: exact, skipped
+            closure_loss = loss / context.accumulate_grad_batches
         if not context.skip_backward and batch_idx % context.accumulate_grad_batches == 0:
             if "on_before_zero_grad" in hooks:
                 module.on_before_zero_grad(optimizer.optimizer)
@@ -221,7 +223,7 @@ def run_batch(
             if "on_after_backward" in hooks:
                 module.on_after_backward()
         result.clear()
-        result.update({"loss": closure_loss.detach().clone(), **extra} if closure_loss is not None else {})
+        result.update({"loss": closure_loss.detach(), **extra} if closure_loss is not None else {})
         return result.get("loss")
 
     optimizer.context = context
