@@ -10,6 +10,7 @@ candidates of a whole learning-rate grid) decide when to use it.
 """
 
 import inspect
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable, NamedTuple, Optional
@@ -165,21 +166,25 @@ class _TrainingStep(nn.Module):
         self.passed: dict[str, Tensor] = {}
         # where each passed tensor lives, looked up once: the check below runs on every step
         self._owners = [(name, *self._owner_of(name)) for name in names]
+        self._watch = _AttributeWatch(module)
 
     def _owner_of(self, name: str) -> tuple[nn.Module, str]:
         module_path, _, leaf = name.rpartition(".")
         return self.get_submodule(module_path), leaf
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
-        before = _plain_attributes(self.module)
+        taken = self._watch.take()
         try:
             output = self.module.training_step(batch, batch_idx)
         except BaseException:
-            _restore(self.module, before)  # no batched tensor may stay behind for the one-at-a-time redo
+            _restore(self.module, self._watch.expand(taken))  # no batched tensor may stay for the one-at-a-time redo
             raise
         for name, owner, leaf in self._owners:
             if getattr(owner, leaf) is not self.passed[name]:
                 raise NotVectorizable(f"training_step reassigns {name[len('module.'):]!r} instead of updating it")
+        if self._watch.unchanged(taken):
+            return output
+        before = self._watch.expand(taken)
         changed = _changed_state(self.module, before)
         if changed:
             # Whatever training_step keeps outside its parameters and buffers happened once, in the first row, with
@@ -207,13 +212,41 @@ class _Attributes(NamedTuple):
     sizes: dict[str, int]  # the length of each list, dict or set among them: an append keeps the identity
 
 
-def _plain_attributes(module: nn.Module) -> list[_Attributes]:
-    """A shallow copy of every submodule's plain attributes, and the sizes of its containers: cheap, and enough to see
-    a tensor, a number or an appended output kept by ``training_step``."""
-    return [
-        _Attributes(m, dict(m.__dict__), {k: len(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
-        for m in module.modules()
-    ]
+class _AttributeWatch:
+    """Sees what a ``training_step`` keeps in plain attributes, at a few microseconds a step: the keys and values of
+    every submodule's ``__dict__`` compared by identity in C, and the lengths of its lists, dicts and sets (found
+    again only when the keys change)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modules = list(module.modules())
+        self._keys: list[tuple[str, ...]] = []
+        self._containers: list[tuple[dict, str]] = []
+
+    def take(self) -> tuple[list[tuple[tuple[str, ...], tuple[Any, ...]]], list[int]]:
+        taken = [(tuple(m.__dict__), tuple(m.__dict__.values())) for m in self.modules]
+        keys = [k for k, _ in taken]
+        if keys != self._keys:
+            self._keys = keys
+            self._containers = [(m.__dict__, k) for m in self.modules for k, v in m.__dict__.items()
+                                if isinstance(v, _CONTAINERS)]
+        return taken, [len(d.get(k, ())) for d, k in self._containers]
+
+    def unchanged(self, taken: tuple[list[tuple[tuple[str, ...], tuple[Any, ...]]], list[int]]) -> bool:
+        for m, (keys, values) in zip(self.modules, taken[0]):
+            attributes = m.__dict__
+            if len(attributes) != len(keys) or tuple(attributes) != keys:
+                return False
+            if not all(map(operator.is_, attributes.values(), values)):
+                return False
+        return [len(d.get(k, ())) for d, k in self._containers] == taken[1]
+
+    def expand(self, taken: tuple[list[tuple[tuple[str, ...], tuple[Any, ...]]], list[int]]) -> list[_Attributes]:
+        """The snapshot in the form :func:`_changed_state` and :func:`_restore` read (only when something changed)."""
+        sizes: dict[int, dict[str, int]] = {}
+        for (d, k), size in zip(self._containers, taken[1]):
+            sizes.setdefault(id(d), {})[k] = size
+        return [_Attributes(m, dict(zip(keys, values)), sizes.get(id(m.__dict__), {}))
+                for m, (keys, values) in zip(self.modules, taken[0])]
 
 
 def _changed_state(module: nn.Module, before: list[_Attributes]) -> list[tuple[str, bool]]:
