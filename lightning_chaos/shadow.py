@@ -171,15 +171,25 @@ class _ShadowTrainerView(_Isolated):
         datamodule = getattr(trainer, "datamodule", None)
         object.__setattr__(self, "datamodule", None if datamodule is None else _Isolated(datamodule))
 
-    @contextmanager
-    def stepping(self, global_step: int) -> Iterator[None]:
+    def stepping(self, global_step: int) -> "_Stepping":
         """Within a shadow's batch, ``self.global_step`` reads what the real model read in its batch: the real
         optimizer has stepped (and the real trainer counted it) by the time the shadows step."""
-        object.__setattr__(self, "global_step", global_step)
-        try:
-            yield
-        finally:
-            object.__delattr__(self, "global_step")
+        return _Stepping(self, global_step)
+
+
+class _Stepping:
+    """The context of :meth:`_ShadowTrainerView.stepping` (a class: it is entered for every shadow on every step)."""
+
+    __slots__ = ("view", "global_step")
+
+    def __init__(self, view: _ShadowTrainerView, global_step: int) -> None:
+        self.view, self.global_step = view, global_step
+
+    def __enter__(self) -> None:
+        object.__setattr__(self.view, "global_step", self.global_step)
+
+    def __exit__(self, *exc: Any) -> None:
+        object.__delattr__(self.view, "global_step")
 
 
 def _stepping(member: LightningModule, global_step: int) -> AbstractContextManager:

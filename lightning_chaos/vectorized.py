@@ -9,6 +9,7 @@ This layer knows torch only. The probe's :class:`~lightning_chaos.shadow.ShadowE
 candidates of a whole learning-rate grid) decide when to use it.
 """
 
+import functools
 import inspect
 import operator
 from collections.abc import Iterator, Sequence
@@ -221,6 +222,7 @@ class _AttributeWatch:
         self.modules = list(module.modules())
         self._keys: list[tuple[str, ...]] = []
         self._containers: list[tuple[dict, str]] = []
+        self._internal = _internal_attributes()
 
     def take(self) -> tuple[list[tuple[tuple[str, ...], tuple[Any, ...]]], list[int]]:
         taken = [(tuple(m.__dict__), tuple(m.__dict__.values())) for m in self.modules]
@@ -228,7 +230,7 @@ class _AttributeWatch:
         if keys != self._keys:
             self._keys = keys
             self._containers = [(m.__dict__, k) for m in self.modules for k, v in m.__dict__.items()
-                                if isinstance(v, _CONTAINERS)]
+                                if isinstance(v, _CONTAINERS) and k not in self._internal]
         return taken, [len(d.get(k, ())) for d, k in self._containers]
 
     def unchanged(self, taken: tuple[list[tuple[tuple[str, ...], tuple[Any, ...]]], list[int]]) -> bool:
@@ -247,6 +249,15 @@ class _AttributeWatch:
             sizes.setdefault(id(d), {})[k] = size
         return [_Attributes(m, dict(zip(keys, values)), sizes.get(id(m.__dict__), {}))
                 for m, (keys, values) in zip(self.modules, taken[0])]
+
+
+@functools.lru_cache(maxsize=None)
+def _internal_attributes() -> frozenset[str]:
+    """torch's and Lightning's own bookkeeping in a module's ``__dict__`` (hook registries, ``_parameters``, ...): no
+    ``training_step`` appends to them, and watching their lengths would cost more than the rest of the watch."""
+    from lightning.pytorch import LightningModule
+
+    return frozenset(nn.Module().__dict__) | frozenset(LightningModule().__dict__)
 
 
 def _changed_state(module: nn.Module, before: list[_Attributes]) -> list[tuple[str, bool]]:
