@@ -197,7 +197,7 @@ def run_batch(
     def closure() -> Optional[Tensor]:
         with context.step_context():
             output = module.training_step(batch, batch_idx)
-        loss, extra = _split_output(output)
+        loss, extra = split_output(output)
         closure_loss = loss
         if loss is not None and context.accumulate_grad_batches > 1:  # Lightning divides by 1 too: exact, skipped
             closure_loss = loss / context.accumulate_grad_batches
@@ -269,7 +269,9 @@ def all_reduce_mean(grads: list[Tensor], world_size: int) -> None:
     torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def _split_output(output: Any) -> tuple[Optional[Tensor], dict[str, Any]]:
+def split_output(output: Any) -> tuple[Optional[Tensor], dict[str, Any]]:
+    """The loss and the other outputs of a ``training_step`` (a Tensor, a mapping with ``"loss"``, or None), as
+    Lightning reads them."""
     if output is None or isinstance(output, Tensor):
         return output, {}
     if hasattr(output, "get"):
@@ -448,12 +450,6 @@ class ModuleSync:
                 p.requires_grad_(flag)
                 changed = True
         return changed
-
-
-def run_epoch_hook(modules: Sequence[LightningModule], hook: str) -> None:
-    """``on_train_epoch_start``/``on_train_epoch_end`` on every shadow, with the shadow as ``self``."""
-    for module in modules:
-        getattr(module, hook)()
 
 
 def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None:

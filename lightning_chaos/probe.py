@@ -455,6 +455,7 @@ class ChaosProbe(Callback):
             self._attach(trainer, pl_module, None)
         if self._active:
             self._rng_state = capture_rng_state(pl_module.device)
+            self._batch = (batch, batch_idx)
             self._batch_global_step = trainer.global_step
             self._guarded(self._ensemble.capture_outside)
 
@@ -476,6 +477,11 @@ class ChaosProbe(Callback):
         self._mirror_epoch_hook("on_train_epoch_start", pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active and self._rng_state is not None:  # the module's on_train_batch_start returned -1
+            batch, batch_idx = self._batch
+            self._guarded(self._ensemble.skipped_batch, batch, batch_idx, self._rng_state, pl_module.device,
+                          self._alive)
+            self._rng_state = None
         self._mirror_epoch_hook("on_train_epoch_end", pl_module)
         self._check_target(trainer)
 

@@ -33,6 +33,7 @@ from lightning_chaos.mirror import (
     bind_optimizers,
     mirroring_blocker,
     run_batch,
+    split_output,
 )
 from lightning_chaos.vectorized import NotVectorizable, StackedShadows, vectorization_blocker
 
@@ -273,15 +274,6 @@ def _is_bias(name: str) -> bool:
     return name.rsplit(".", 1)[-1] == "bias"
 
 
-def training_loss(output: Any) -> Optional[Tensor]:
-    """The loss in a ``training_step`` output (a Tensor, a mapping with ``"loss"``, or None), as Lightning reads it."""
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict) or hasattr(output, "get"):
-        return output.get("loss")
-    raise TypeError(f"`training_step` must return a Tensor, a dict with 'loss', or None; got {type(output).__name__}")
-
-
 class ShadowEnsemble:
     """K ε-perturbed copies of a LightningModule and its optimizer, stepped in lockstep with the real pair.
 
@@ -476,6 +468,18 @@ class ShadowEnsemble:
             for member in members:
                 _set_rng_state(replay, device)
                 getattr(member, hook)()
+
+    def skipped_batch(self, batch: Any, batch_idx: int, rng_state: RngState, device: torch.device,
+                      alive: Optional[list[bool]]) -> None:
+        """The real module's ``on_train_batch_start`` returned -1, which ends Lightning's epoch before the batch: each
+        member's runs too (its side effects are the member's), and nothing else of the batch."""
+        if "on_train_batch_start" not in self.facades[0].hooks:
+            return
+        with _preserved_rng(device, rng_state) as replay:
+            for k, member in enumerate(self.members):
+                if self._alive(alive, k):
+                    _set_rng_state(replay, device)
+                    member.on_train_batch_start(batch, batch_idx)
 
     def run_batch(
         self,
@@ -673,7 +677,7 @@ class ShadowEnsemble:
                 if alive is None or alive[k]:
                     _set_rng_state(replay, device)  # the dropout masks and draws the real training_step made
                     with step_context():
-                        loss = training_loss(shadow.training_step(batch, batch_idx))
+                        loss, _ = split_output(shadow.training_step(batch, batch_idx))
                     if zero_grad:
                         self.optimizers[k].zero_grad(set_to_none=True)
                     if loss is not None:

@@ -183,3 +183,24 @@ def test_an_untrusted_verdict_survives_a_checkpoint_inside_the_sentinels_window(
         quiet_trainer(max_epochs=2, callbacks=[resumed]).fit(
             DropoutMLP(), DataLoader(random_classification(), batch_size=16), ckpt_path=path)
     assert not resumed.trusted and resumed.sentinel["first_drift_step"] == 1 and 1 <= resumed.sentinel["steps"] < 50
+
+
+class EndsEpochsEarly(DropoutMLP):
+    """``on_train_batch_start`` returns -1 at batch 3 (Lightning then ends the epoch), after counting its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.calls += 1
+        if batch_idx == 3:
+            return -1
+
+
+def test_a_batch_the_module_skips_runs_the_shadows_batch_start_hook_too():
+    probe = ChaosProbe(epsilon=0.0, num_shadows=1, vectorize=False)
+    real, _ = fit(EndsEpochsEarly, [probe])
+    assert real.calls == 3 * 4  # 3 epochs of 4 calls, the last one returning -1
+    assert probe.shadow_modules[0].calls == real.calls
+    assert probe.trusted and (probe.distances == 0).all()
