@@ -38,6 +38,21 @@ def _log_or_nan(value: float) -> float:
     return math.log(value) if value > 0 and math.isfinite(value) else math.nan
 
 
+def _merged(earlier: Optional[dict[str, Any]], later: dict[str, Any]) -> dict[str, Any]:
+    """One verdict over the sentinel's windows: the steps checked, the largest drift, the first drift beyond its
+    window's tolerance; exact and the tolerance as the later window had them."""
+    if earlier is None:
+        return later
+    return {
+        **later,
+        "steps": earlier["steps"] + later["steps"],
+        "max_drift": max(earlier["max_drift"], later["max_drift"]),
+        "trusted": earlier["trusted"] and later["trusted"],
+        "first_drift_step": earlier["first_drift_step"] if earlier["first_drift_step"] is not None
+        else later["first_drift_step"],
+    }
+
+
 class ChaosProbe(Callback):
     r"""Clone the model into ε-perturbed shadow networks, step them in lockstep with the real one, and measure d(t).
 
@@ -106,13 +121,15 @@ class ChaosProbe(Callback):
         stop_step: the optimizer step after which the shadows are released (their parameters and optimizer state
             freed); the results and logs stay. ``None``: probe until the end of training. Logged metrics are
             plotted at the real model's step either way.
-        sentinel_steps: for this many optimizer steps after the shadows attach, an unperturbed twin (δ = 0) is
-            stepped exactly like the shadows and compared with the real model. It must stay bit-identical on the
+        sentinel_steps: for this many optimizer steps after the shadows attach, and again across the end of the
+            first whole epoch (half before, half after: the epoch hooks, validation and the next epoch's start), an
+            unperturbed twin (δ = 0), cloned from the real model, is stepped exactly like the shadows and compared
+            with it. It must stay bit-identical on the
             one-at-a-time path (within 1 % of ε on the batched path, for a compiled model or on CUDA): a drift means
             something changed the real training that the shadows did not repeat (a callback that writes the weights,
             say). The probe then warns, naming the step and the hooks and callbacks that ran, and marks its results
-            untrusted (:attr:`trusted`, the summary, ``chaos/trusted``). Costs one more shadow during the window and
-            nothing after it; 0 turns it off.
+            untrusted (:attr:`trusted`, the summary, ``chaos/trusted``). Costs one more shadow during the windows and
+            nothing after them; 0 turns it off.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -231,6 +248,8 @@ class ChaosProbe(Callback):
         self._rng_state: Optional[RngState] = None
         self._real_stepped = False
         self._drifts: list[Tensor] = []  # the twin's relative drift after each step of the sentinel's window
+        self._drift_steps: list[int] = []  # the real model's optimizer step of each
+        self._boundary_window = False  # the second window, across the first epoch boundary, has started
         self._sentinel: Optional[dict[str, Any]] = None
         self._sentinel_exact = True
         self._short_run_reported = False
@@ -453,6 +472,15 @@ class ChaosProbe(Callback):
             and batch_idx % trainer.accumulate_grad_batches == 0  # attach between optimizer steps only
         ):
             self._attach(trainer, pl_module, None)
+        if self._active and self._boundary_window_due(trainer, batch_idx):
+            self._boundary_window = True
+            self._sentinel_exact = True
+            try:
+                self._ensemble.add_twin(pl_module, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler",
+                                                                                  None))
+            except Exception as error:  # the shadows go on; only this check is skipped, and said so
+                rank_zero_warn(f"ChaosProbe: the sentinel could not clone the model for its second window ({error!r});"
+                               " the first window's verdict stands.")
         if self._active:
             self._rng_state = capture_rng_state(pl_module.device)
             self._batch = (batch, batch_idx)
@@ -605,6 +633,7 @@ class ChaosProbe(Callback):
         if ensemble.has_twin:
             self._sentinel_exact &= not batched and not ensemble.vectorized
             self._drifts.append(ensemble.last_twin_drift)
+            self._drift_steps.append(self._attach_step + self._steps)
             if len(self._drifts) >= self.sentinel_steps:
                 self._finish_sentinel(trainer)
         if self.renormalize_every is not None and self._steps % self.renormalize_every == 0:
@@ -613,6 +642,19 @@ class ChaosProbe(Callback):
             self._log(trainer)
         if self.stop_step is not None and trainer.global_step >= self.stop_step:
             self._stop(trainer)
+
+    def _boundary_window_due(self, trainer: Trainer, batch_idx: int) -> bool:
+        """Whether to start the sentinel's second window now: half of it before the end of the first epoch the probe
+        sees whole, half after, so that it covers the epoch hooks, the validation run and the next epoch's start,
+        where what the mirroring misses usually shows."""
+        if self._boundary_window or self._sentinel is None or self._ensemble.has_twin:
+            return False
+        batches = trainer.num_training_batches
+        accumulate = trainer.accumulate_grad_batches
+        if not isinstance(batches, int) or batch_idx % accumulate:
+            return False
+        start = max(batches - (self.sentinel_steps + 1) // 2 * accumulate, 0)
+        return batch_idx == start - start % accumulate
 
     def _guarded(self, fn: Any, *args: Any) -> Any:
         """Run ``fn``; a fault inside the probe disables it with a warning and never reaches the user's training."""
@@ -645,8 +687,8 @@ class ChaosProbe(Callback):
         separation = (ensemble.initial_distance.double().mean() / ensemble.reference_norm().double()).item()
         report = sentinel_report(drifts, exact, separation)
         first_bad = report.pop("first_drift")
-        report["first_drift_step"] = None if first_bad is None else self._attach_step + first_bad
-        return report
+        report["first_drift_step"] = None if first_bad is None else self._drift_steps[first_bad - 1]
+        return _merged(self._sentinel, report)
 
     def _finish_sentinel(self, trainer: Trainer) -> None:
         """End the sentinel's window: compare the twin's drift with what the path promises, report, free the twin."""
@@ -654,9 +696,11 @@ class ChaosProbe(Callback):
         report = self._sentinel_so_far()
         if report is None:
             return
-        first_bad = None if report["first_drift_step"] is None else report["first_drift_step"] - self._attach_step
+        newly_bad = report["first_drift_step"] is not None and (self._sentinel is None or self._sentinel["trusted"])
+        first_bad = self._drift_steps.index(report["first_drift_step"]) + 1 if newly_bad else None
         drift = None if first_bad is None else float(self._drifts[first_bad - 1])
-        self._drifts = []
+        first_bad = None if first_bad is None else report["first_drift_step"] - self._attach_step
+        self._drifts, self._drift_steps = [], []
         self._sentinel = report
         ensemble.drop_twin()
         chaos_logging.log_metrics(

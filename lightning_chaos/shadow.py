@@ -252,6 +252,20 @@ def is_compiled(module: nn.Module) -> bool:
     )
 
 
+def _carried_state_memo(module: nn.Module) -> dict[int, Tensor]:
+    """Detached copies of the tensors a module carries in plain attributes with their graph (an LSTM's hidden state
+    between batches), for ``copy.deepcopy``'s memo: torch cannot deep-copy a non-leaf tensor, and a module that
+    carries state across batches detaches it before use (truncated backpropagation), so the value is all that
+    matters."""
+    memo: dict[int, Tensor] = {}
+    for submodule in module.modules():
+        for value in submodule.__dict__.values():
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, Tensor) and tensor.grad_fn is not None:
+                    memo[id(tensor)] = tensor.detach().clone()
+    return memo
+
+
 def make_shadow_module(module: LightningModule) -> LightningModule:
     """Deep copy of ``module`` that runs its ``training_step`` and hooks without acting on the user's run.
 
@@ -260,7 +274,7 @@ def make_shadow_module(module: LightningModule) -> LightningModule:
     torchmetrics inside it are its own copies; compiled code is replaced by the eager original (:func:`_uncompiled`).
     """
     trainer = module._trainer
-    shadow = copy.deepcopy(module)  # LightningModule.__getstate__ drops the trainer reference
+    shadow = copy.deepcopy(module, _carried_state_memo(module))  # LightningModule.__getstate__ drops the trainer
     _uncompiled(shadow)
     if trainer is not None:
         real = trainer._real if isinstance(trainer, _ShadowTrainerView) else trainer
@@ -342,28 +356,8 @@ class ShadowEnsemble:
         self.param_maps: list[dict[int, Tensor]] = []
         self.facades: list[ShadowOptimizer] = []
         for k, shadow in enumerate(self.members):
-            shadow_named = dict(shadow.named_parameters())
-            param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
-            shadow_optimizer = clone_optimizer(optimizer, param_map)
-            scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
-            if shadow_states is not None and k < len(shadow_states):
-                shadow_optimizer.load_state_dict(copy.deepcopy(shadow_states[k]["optimizer"]))
-                if scaler is not None and shadow_states[k].get("scaler"):
-                    scaler.load_state_dict(shadow_states[k]["scaler"])
-            self.member_scalers.append(scaler)
-            self.member_optimizers.append(shadow_optimizer)
-            self.member_params.append([shadow_named[n] for n in names])
-            self.param_maps.append(param_map)
-            facade = ShadowOptimizer(shadow_optimizer, shadow, scaler)
-            self.facades.append(facade)
-            if isinstance(shadow._trainer, _ShadowTrainerView):
-                view = shadow._trainer
-                object.__setattr__(view, "optimizers", [shadow_optimizer])
-                object.__setattr__(view, "lr_scheduler_configs", [
-                    dataclasses.replace(config, scheduler=ShadowScheduler(config.scheduler))
-                    for config in getattr(view._real, "lr_scheduler_configs", [])
-                ])
-            bind_optimizers(shadow, facade)
+            self._wire(shadow, module, optimizer, grad_scaler,
+                       shadow_states[k] if shadow_states is not None and k < len(shadow_states) else None)
         self.module_sync = ModuleSync(module)
         self.optimizer_sync = OptimizerSync(optimizer)
         self.stacked: Optional[StackedShadows] = None
@@ -384,6 +378,49 @@ class ShadowEnsemble:
         self.last_losses: list[Optional[Tensor]] = [None] * len(self.members)  # the closure losses of the last batch
         self.previous_distance = self.initial_distance.clone()
         self.log_growth_sum = torch.zeros_like(self.initial_distance)
+
+    def _wire(self, shadow: LightningModule, module: LightningModule, optimizer: Optimizer,
+              grad_scaler: Optional["torch.amp.GradScaler"], state: Optional[dict[str, Any]]) -> None:
+        """Give a new member its own optimizer (a clone of the real one, or ``state``), scaler and hooks' view."""
+        shadow_named = dict(shadow.named_parameters())
+        param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
+        shadow_optimizer = clone_optimizer(optimizer, param_map)
+        scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
+        if state is not None:
+            shadow_optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        self.member_scalers.append(scaler)
+        self.member_optimizers.append(shadow_optimizer)
+        self.member_params.append([shadow_named[n] for n in self.names])
+        self.param_maps.append(param_map)
+        facade = ShadowOptimizer(shadow_optimizer, shadow, scaler)
+        self.facades.append(facade)
+        if isinstance(shadow._trainer, _ShadowTrainerView):
+            view = shadow._trainer
+            object.__setattr__(view, "optimizers", [shadow_optimizer])
+            object.__setattr__(view, "lr_scheduler_configs", [
+                dataclasses.replace(config, scheduler=ShadowScheduler(config.scheduler))
+                for config in getattr(view._real, "lr_scheduler_configs", [])
+            ])
+        bind_optimizers(shadow, facade)
+
+    def add_twin(self, module: LightningModule, optimizer: Optimizer,
+                 grad_scaler: Optional["torch.amp.GradScaler"] = None) -> None:
+        """A new unperturbed twin, cloned from the real model and optimizer as they are now (the sentinel's second
+        window), stepped from the next batch like the shadows."""
+        if self.has_twin:
+            return
+        twin = make_shadow_module(module)
+        self.members.append(twin)
+        self._wire(twin, module, optimizer, grad_scaler, None)
+        self.last_losses.append(None)
+        if self.facades[0].sync is not None:
+            self.facades[-1].sync = self.optimizer_sync
+            self.optimizer_sync.register(self.member_optimizers[-1])
+        self.has_twin = True
+        if self.stacked is not None:
+            self.stacked = StackedShadows(self.members, self.names)
 
     @property
     def shadows(self) -> list[LightningModule]:
@@ -633,7 +670,7 @@ class ShadowEnsemble:
             return
         self.has_twin = False
         for members in (self.members, self.member_optimizers, self.member_params, self.member_scalers, self.param_maps,
-                        self.facades):
+                        self.facades, self.last_losses):
             del members[-1]
         if self.stacked is not None:
             self.stacked = StackedShadows(self.members, self.names)

@@ -25,7 +25,7 @@ class ShrinkWeights(Callback):
 def fit(probe, callbacks=(), **trainer_kwargs):
     L.seed_everything(7, verbose=False)
     model = DropoutMLP()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[*callbacks, probe], **trainer_kwargs)
+    trainer = quiet_trainer(**{"max_epochs": 2, **trainer_kwargs}, callbacks=[*callbacks, probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, DataLoader(random_classification(), batch_size=16, shuffle=True))
@@ -37,7 +37,9 @@ def test_the_twin_follows_the_real_model_and_the_results_are_trusted(vectorize):
     probe = ChaosProbe(num_shadows=4, sentinel_steps=5, vectorize=vectorize)
     messages = fit(probe)
     report = probe.sentinel
-    assert report["steps"] == 5 and report["trusted"] and probe.trusted
+    # 5 steps from attach, then a second window from 3 steps before the end of the first epoch it can still reach
+    # (epochs of 6 steps: the window opens in the second, at its batch 3, and the fit ends 3 steps later)
+    assert report["steps"] == 5 + 3 and report["trusted"] and probe.trusted
     assert report["exact"] is (not vectorize)
     if vectorize:
         assert 0 <= report["max_drift"] <= report["tolerance"]
@@ -96,3 +98,26 @@ def test_bf16_forward_warns_that_the_default_epsilon_is_below_its_rounding():
     assert "epsilon=1e-4" not in warning and "ChaosProbe(epsilon=0.04)" in warning
     quiet = fit(ChaosProbe(num_shadows=1, epsilon=0.05, vectorize=False), precision="bf16-mixed", max_steps=4)
     assert not any("rounded away" in m for m in quiet)
+
+
+class ShrinkWeightsFromEpochOne(Callback):
+    """Writes the real weights at the start of every epoch but the first: only a window across an epoch boundary
+    can see it."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            with torch.no_grad():
+                pl_module.net[0].weight.mul_(0.99)
+
+
+def test_the_second_window_sees_what_happens_at_the_epoch_boundary():
+    probe = ChaosProbe(num_shadows=1, sentinel_steps=4, vectorize=False)
+    messages = fit(probe, callbacks=[ShrinkWeightsFromEpochOne()], max_epochs=3)
+    # first window: steps 1-4 of epoch 0, clean; the second opens 2 steps before the end of epoch 0 (6 steps an
+    # epoch) and sees the write at the start of epoch 1
+    assert not probe.trusted
+    assert probe.sentinel["first_drift_step"] == 7  # the first step of epoch 1
+    assert any("UNTRUSTED" in m and "optimizer step 7" in m and "ShrinkWeightsFromEpochOne" in m for m in messages)
+    quiet = ChaosProbe(num_shadows=1, sentinel_steps=4, vectorize=False)
+    fit(quiet, max_epochs=3)
+    assert quiet.trusted and quiet.sentinel["steps"] == 8  # without the writer: both windows clean
