@@ -70,7 +70,7 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_probe import MODELS, environment, ratio_stats  # noqa: E402
+from bench_probe import MODELS, environment, ratio_stats, write_json  # noqa: E402
 
 import lightning_chaos  # noqa: E402  (the "after": the working tree's package)
 
@@ -422,10 +422,7 @@ def main() -> None:
     env["loadavg_at_end"] = os.getloadavg()  # a shared machine's load: wall times under load are not comparable
     output = {"environment": env, "args": vars(args), "arms": arms, "sentinel_window_steps": window,
               "fits": fits, "summary": summary, "bookkeeping_us_per_step": micro}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(output, f, indent=1, default=str)
-    print(f"\nwrote {args.json}")
+    write_json(output, args.json)
 
 
 if __name__ == "__main__":

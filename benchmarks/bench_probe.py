@@ -1068,10 +1068,15 @@ def main() -> None:
         if args.breakdown:
             output["breakdown"] = run_breakdown(args, tmpdir)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(output, f, indent=1, default=str)
-        print(f"\nwrote {args.json}")
+        write_json(output, args.json)
+
+
+def write_json(output: dict, path: str) -> None:
+    """Write a benchmark's results (folders made as needed; anything json cannot encode as its str) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(output, f, indent=1, default=str)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

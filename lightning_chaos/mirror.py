@@ -16,7 +16,7 @@ kinds of things happen to the real model, and each has one mechanism here:
   the param groups) is left to each shadow's optimizer, so each shadow adapts from its own trajectory.
 
 What neither covers (a callback that writes the real weights, say) is caught by the probe's sentinel, an ε = 0 twin
-checked against the real model during the first steps (:mod:`lightning_chaos.shadow`).
+checked against the real model during the first steps and across the first epoch boundary (the probe).
 
 This layer knows torch and a LightningModule's hooks; it knows nothing of callbacks or measurement.
 """
@@ -62,7 +62,6 @@ class BatchContext:
         epoch: ``trainer.current_epoch``, passed to ``optimizer_step`` and ``optimizer_zero_grad``.
         accumulate_grad_batches: the loss is divided by it before backward, as Lightning divides (even by 1).
         optimizer_steps: the real optimizer stepped on this batch (last micro-batch of an accumulation window).
-        skip_backward: Lightning ran this batch without backward (``fit_loop``'s ``_skip_backward``).
         step_context: the precision plugin's ``train_step_context``.
         clip_val, clip_algorithm: the Trainer's gradient clipping arguments.
         world_size: processes; above 1 (DDP) a shadow's gradients are averaged across them after each backward of
@@ -74,7 +73,6 @@ class BatchContext:
     global_step: int
     accumulate_grad_batches: int
     optimizer_steps: bool
-    skip_backward: bool = False
     step_context: Callable[[], AbstractContextManager] = None  # type: ignore[assignment]
     clip_val: Optional[float] = None
     clip_algorithm: Optional[str] = None
@@ -177,7 +175,7 @@ def run_batch(
     batch: Any,
     context: BatchContext,
     scaler: Optional["torch.amp.GradScaler"] = None,
-) -> tuple[Optional[dict[str, Any]], bool]:
+) -> Optional[dict[str, Any]]:
     """One training batch of ``module`` as Lightning's automatic optimisation runs it, with ``module`` as ``self``.
 
     ``on_train_batch_start`` → [``optimizer_step`` with a closure of] ``training_step`` → ``on_before_zero_grad`` →
@@ -187,11 +185,11 @@ def run_batch(
 
     Returns:
         The batch's outputs as Lightning hands them to ``on_train_batch_end`` (``{"loss": ..., **extra}``, ``{}`` for a
-        skipped step), or None when ``on_train_batch_start`` returned -1; and whether the optimizer was stepped.
+        skipped step), or None when ``on_train_batch_start`` returned -1.
     """
     batch_idx, hooks = context.batch_idx, optimizer.hooks
     if "on_train_batch_start" in hooks and module.on_train_batch_start(batch, batch_idx) == -1:
-        return None, False
+        return None
     result: dict[str, Any] = {}
 
     def closure() -> Optional[Tensor]:
@@ -201,14 +199,14 @@ def run_batch(
         closure_loss = loss
         if loss is not None and context.accumulate_grad_batches > 1:  # Lightning divides by 1 too: exact, skipped
             closure_loss = loss / context.accumulate_grad_batches
-        if not context.skip_backward and batch_idx % context.accumulate_grad_batches == 0:
+        if batch_idx % context.accumulate_grad_batches == 0:
             if "on_before_zero_grad" in hooks:
                 module.on_before_zero_grad(optimizer.optimizer)
             if "optimizer_zero_grad" in hooks:
                 module.optimizer_zero_grad(context.epoch, batch_idx, optimizer.optimizer)
             else:
                 optimizer.optimizer.zero_grad()
-        if not context.skip_backward and closure_loss is not None:
+        if closure_loss is not None:
             # scaled first, as MixedPrecision.pre_backward does
             scaled = scaler.scale(closure_loss) if scaler is not None else closure_loss
             if "on_before_backward" in hooks:
@@ -227,14 +225,13 @@ def run_batch(
         return result.get("loss")
 
     optimizer.context = context
-    if context.optimizer_steps and not context.skip_backward:
-        if "optimizer_step" in hooks:
-            module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
-        else:  # LightningModule.optimizer_step's own body
-            optimizer.step(closure=closure)
-        return result, True
-    closure()
-    return result, False
+    if not context.optimizer_steps:  # a micro-batch of an accumulation window
+        closure()
+    elif "optimizer_step" in hooks:
+        module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
+    else:  # LightningModule.optimizer_step's own body
+        optimizer.step(closure=closure)
+    return result
 
 
 # Hooks the batched path runs per shadow after its one backward; without any, it needs no per-shadow RNG replay.
@@ -462,18 +459,29 @@ def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None
     module.optimizers = optimizers  # type: ignore[method-assign]
 
 
-class ShadowScheduler:
+class Isolated:
+    """A view of ``real`` for a shadow: reads go through to it, writes stay on the view (``isinstance`` still holds)."""
+
+    def __init__(self, real: Any) -> None:
+        object.__setattr__(self, "_real", real)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(self.trainer, Trainer) holds in a shadow's hooks too
+        return type(self.__dict__["_real"])
+
+    def __getattr__(self, name: str) -> Any:  # called only for what the view does not hold itself
+        if name.startswith("__") or "_real" not in self.__dict__:  # copy and pickle probe a bare instance
+            raise AttributeError(name)
+        return getattr(self.__dict__["_real"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # kept on the view: the real object is not touched
+
+
+class ShadowScheduler(Isolated):
     """What a shadow's hooks get from ``self.lr_schedulers()``: the real scheduler to read (``get_last_lr()``), whose
     ``step`` does nothing here. The real hook steps the real scheduler, and what that sets on the real optimizer
     reaches the shadow's (:class:`OptimizerSync`); stepping it again from a shadow would change the real training."""
-
-    def __init__(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "_scheduler" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["_scheduler"], name)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         return None

@@ -696,10 +696,9 @@ class ChaosProbe(Callback):
         report = self._sentinel_so_far()
         if report is None:
             return
+        # warn once: for the first window that drifts
         newly_bad = report["first_drift_step"] is not None and (self._sentinel is None or self._sentinel["trusted"])
-        first_bad = self._drift_steps.index(report["first_drift_step"]) + 1 if newly_bad else None
-        drift = None if first_bad is None else float(self._drifts[first_bad - 1])
-        first_bad = None if first_bad is None else report["first_drift_step"] - self._attach_step
+        drift = float(self._drifts[self._drift_steps.index(report["first_drift_step"])]) if newly_bad else None
         self._drifts, self._drift_steps = [], []
         self._sentinel = report
         ensemble.drop_twin()
@@ -709,10 +708,10 @@ class ChaosProbe(Callback):
              chaos_logging.TRUSTED: float(self._sentinel["trusted"])},
             self._attach_step + self._steps,
         )
-        if first_bad is not None:
-            rank_zero_warn(self._untrusted_message(trainer, first_bad, drift, report))
+        if newly_bad:
+            rank_zero_warn(self._untrusted_message(trainer, drift, report))
 
-    def _untrusted_message(self, trainer: Trainer, step: int, drift: float, report: dict[str, Any]) -> str:
+    def _untrusted_message(self, trainer: Trainer, drift: float, report: dict[str, Any]) -> str:
         exact, tolerance = report["exact"], report["tolerance"]
         module = trainer.lightning_module
         hooks = overridden_hooks(module, TRAINING_HOOKS)
@@ -729,7 +728,7 @@ class ChaosProbe(Callback):
         if not exact and not (self._ensemble is not None and self._ensemble.compiled):
             causes.append("a batched kernel (try `vectorize=False`)")
         return (
-            f"ChaosProbe: the unperturbed twin left the real model at optimizer step {self._attach_step + step}"
+            f"ChaosProbe: the unperturbed twin left the real model at optimizer step {report['first_drift_step']}"
             f" (relative drift {drift:.1e}; it must stay {expected}), so the shadows do not repeat everything the"
             f" real training does: their numbers are UNTRUSTED. Hooks of {type(module).__name__} that ran:"
             f" {', '.join(hooks) or 'none overridden'}; callbacks acting on the training:"

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from lightning_chaos.functional.distance import flat_norm, parameter_distance
 from lightning_chaos.mirror import (
     BatchContext,
+    Isolated,
     PER_SHADOW_HOOKS,
     ModuleSync,
     OptimizerSync,
@@ -136,26 +137,7 @@ def _no_log(*_: Any, **__: Any) -> None:
     """Stands in for a shadow's ``self.log``: the user's metrics must only see the real model."""
 
 
-class _Isolated:
-    """A view of ``real`` for a shadow: reads go through to it, writes stay on the view (``isinstance`` still holds)."""
-
-    def __init__(self, real: Any) -> None:
-        object.__setattr__(self, "_real", real)
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:  # isinstance(self.trainer, Trainer) holds in a shadow's hooks too
-        return type(self.__dict__["_real"])
-
-    def __getattr__(self, name: str) -> Any:  # called only for what the view does not hold itself
-        if name.startswith("__") or "_real" not in self.__dict__:  # copy and pickle probe a bare instance
-            raise AttributeError(name)
-        return getattr(self.__dict__["_real"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)  # kept on the view: the real object is not touched
-
-
-class _ShadowTrainerView(_Isolated):
+class _ShadowTrainerView(Isolated):
     """What a shadow's hooks see as ``self.trainer``: the real trainer to read (epoch, global step, strategy), its own
     copy of anything it sets (``self.trainer.should_stop = True`` on a shadow's NaN loss must not stop the real run),
     the shadow itself as ``lightning_module``, a view of the datamodule that keeps its writes too (a curriculum's
@@ -170,7 +152,7 @@ class _ShadowTrainerView(_Isolated):
             object.__setattr__(self, "lightning_module", shadow)
             object.__setattr__(self, "model", shadow)
         datamodule = getattr(trainer, "datamodule", None)
-        object.__setattr__(self, "datamodule", None if datamodule is None else _Isolated(datamodule))
+        object.__setattr__(self, "datamodule", None if datamodule is None else Isolated(datamodule))
 
     def stepping(self, global_step: int) -> "_Stepping":
         """Within a shadow's batch, ``self.global_step`` reads what the real model read in its batch: the real
@@ -358,6 +340,7 @@ class ShadowEnsemble:
         for k, shadow in enumerate(self.members):
             self._wire(shadow, module, optimizer, grad_scaler,
                        shadow_states[k] if shadow_states is not None and k < len(shadow_states) else None)
+        self.following = False  # the real optimizer's outside changes (the probe's shadows; not the finder's copies)
         self.module_sync = ModuleSync(module)
         self.optimizer_sync = OptimizerSync(optimizer)
         self.stacked: Optional[StackedShadows] = None
@@ -415,7 +398,7 @@ class ShadowEnsemble:
         self.members.append(twin)
         self._wire(twin, module, optimizer, grad_scaler, None)
         self.last_losses.append(None)
-        if self.facades[0].sync is not None:
+        if self.following:
             self.facades[-1].sync = self.optimizer_sync
             self.optimizer_sync.register(self.member_optimizers[-1])
         self.has_twin = True
@@ -476,6 +459,7 @@ class ShadowEnsemble:
         """Follow what is done to the real optimizer from outside (:class:`~lightning_chaos.mirror.OptimizerSync`):
         the probe's shadows do; the finder's copies train at settings of their own."""
         self.optimizer_sync.track()
+        self.following = True
         for optimizer, facade in zip(self.member_optimizers, self.facades):
             facade.sync = self.optimizer_sync
             self.optimizer_sync.register(optimizer)
@@ -563,7 +547,7 @@ class ShadowEnsemble:
                 if self._alive(alive, k):
                     _set_rng_state(replay, device)
                     with _stepping(member, context.global_step):
-                        outputs, _ = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
+                        outputs = run_batch(member, self.facades[k], batch, context, self.member_scalers[k])
                 self.last_losses[k] = None if outputs is None else outputs.get("loss")
                 self._measure(k, distances, context)
                 self._give(k, after)
@@ -575,7 +559,7 @@ class ShadowEnsemble:
     def _changes_since_the_batch_began(self) -> Optional[list[dict[str, Any]]]:
         """What was set on the real optimizer after its step (a scheduler steps before ``on_train_batch_end``), to
         give each member after its own step, so that its ``on_train_batch_end`` reads what the real one reads."""
-        return self.optimizer_sync.changes() if self.facades and self.facades[0].sync is not None else None
+        return self.optimizer_sync.changes() if self.following else None
 
     def _give(self, k: int, changes: Optional[list[dict[str, Any]]]) -> None:
         if changes is not None:
@@ -605,7 +589,7 @@ class ShadowEnsemble:
             hooks = self.facades[0].hooks.intersection(PER_SHADOW_HOOKS)
             after = capture_rng_state(device) if hooks else None
         first = context.batch_idx % context.accumulate_grad_batches == 0
-        self.take_gradients(grads, range(len(self.members)), first and not context.skip_backward, alive)
+        self.take_gradients(grads, range(len(self.members)), first, alive)
         if context.optimizer_steps and context.world_size > 1:
             self.all_reduce_gradients(context.world_size, alive)
         losses = losses / context.accumulate_grad_batches

@@ -200,10 +200,6 @@ class _TrainingStep(nn.Module):
         return output
 
 
-def _is_state(value: Any) -> bool:
-    return isinstance(value, Tensor) or (isinstance(value, tuple) and bool(value) and isinstance(value[0], Tensor))
-
-
 _CONTAINERS = (list, dict, set)
 
 
