@@ -1,9 +1,18 @@
-"""Pure estimators on tensors: distances between parameter vectors and Lyapunov exponents.
+"""Pure estimators on tensors: distances between parameter vectors, Lyapunov exponents of the training trajectory,
+and the edge of chaos of the network's own map.
 
 Everything here works on recorded arrays without a Trainer, in the spirit of ``torchmetrics.functional``.
 """
 
 from lightning_chaos.functional.distance import flat_norm, parameter_distance
+from lightning_chaos.functional.edge import (
+    OrderParameters,
+    asymptotic_jacobian_norm,
+    edge_of_chaos_boundary,
+    map_lyapunov_exponent,
+    mean_field_chi,
+    order_parameters,
+)
 from lightning_chaos.functional.exponents import (
     WindowFit,
     benettin_exponent,
@@ -16,13 +25,19 @@ from lightning_chaos.functional.exponents import (
 )
 
 __all__ = [
+    "OrderParameters",
     "WindowFit",
+    "asymptotic_jacobian_norm",
     "benettin_exponent",
     "best_window_fit",
     "default_fit_windows",
+    "edge_of_chaos_boundary",
     "finite_time_exponent",
     "flat_norm",
+    "map_lyapunov_exponent",
+    "mean_field_chi",
     "network_mle",
+    "order_parameters",
     "parameter_distance",
     "saturation_cut",
     "window_fit_before_saturation",
