@@ -5,7 +5,8 @@ own ``LearningRateMonitor`` logs from a callback. TensorBoard extras (custom-sca
 when a ``TensorBoardLogger`` is present.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Trainer
@@ -25,6 +26,13 @@ TIME_TO_TARGET = f"{PREFIX}/time_to_target"
 EXPONENT_HISTOGRAM = f"{PREFIX}/local_exponents"
 SENTINEL_DRIFT = f"{PREFIX}/sentinel/max_drift"
 TRUSTED = f"{PREFIX}/trusted"
+
+
+EDGE_PHASE_DIAGRAM = f"{PREFIX}/edge/phase_diagram"
+
+
+def edge_tag(layer: str, quantity: str) -> str:
+    return f"{PREFIX}/edge/{layer}/{quantity}"
 
 
 def shadow_distance_tag(index: int) -> str:
@@ -111,11 +119,16 @@ def write_finder_result(logger: TensorBoardLogger, result) -> None:
     if result.loss_ratio.numel() == result.lrs.numel():
         for index, ratio in enumerate(result.loss_ratio.tolist()):
             writer.add_scalar(f"{FINDER_PREFIX}/loss_ratio", ratio, index)
+    add_figure(logger, f"{FINDER_PREFIX}/sweep", result.plot, step=None, owner="ChaosLRFinder")
+
+
+def add_figure(logger: TensorBoardLogger, tag: str, draw: Callable[[], Any], step: Optional[int], owner: str) -> None:
+    """Draw a matplotlib figure and add it under Images; a figure never fails the fit (matplotlib is optional)."""
     try:
-        figure = result.plot()
-    except ImportError:  # matplotlib is optional
+        figure = draw()
+    except ImportError:
         return
-    except Exception as error:  # a figure must never fail the fit that follows the sweep
-        rank_zero_warn(f"ChaosLRFinder: could not draw the sweep's figure for TensorBoard: {error!r}")
+    except Exception as error:  # noqa: BLE001
+        rank_zero_warn(f"{owner}: could not draw the figure {tag!r} for TensorBoard: {error!r}")
         return
-    writer.add_figure(f"{FINDER_PREFIX}/sweep", figure, close=True)
+    logger.experiment.add_figure(tag, figure, global_step=step, close=True)
