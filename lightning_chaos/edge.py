@@ -434,7 +434,9 @@ class EdgeOfChaosMonitor(Callback):
         }
         reach = max([2.0] + [float(x.abs().max()) * 1.2 for x, _ in paths.values()])
         kinds = {layer.boundary for layer in self._layers.values() if layer.boundary} or {"tanh"}
-        ratios = torch.linspace(-reach, reach, 161, dtype=torch.float64)
+        # J_c rises like a square root just beyond |J0/J| = 1: sample that corner densely
+        corner = 1.0 + torch.logspace(-4, -0.5, 24, dtype=torch.float64)
+        ratios = torch.cat([torch.linspace(-reach, reach, 121, dtype=torch.float64), corner, -corner]).sort().values
         for kind in sorted(kinds):
             ax.plot(ratios, 1.0 / edge_of_chaos_boundary(ratios, kind), "k-" if kind == "tanh" else "k--",
                     label=f"edge of chaos ({kind}, mean field)")
