@@ -239,7 +239,8 @@ class EdgeOfChaosMonitor(Callback):
             self._map_inputs = inputs.detach()[: self.num_inputs].clone()
         names = {id(module): name for name, module in pl_module.named_modules()}
         square = {
-            id(m): m for m in pl_module.modules() if isinstance(m, nn.Linear) and m.in_features == m.out_features
+            id(m): m for m in pl_module.modules()
+            if isinstance(m, nn.Linear) and m.in_features == m.out_features >= 2  # one weight has no spread
         }
         wanted = set(self.layers) if self.layers is not None else None
         calls: list[nn.Module] = []
