@@ -9,6 +9,7 @@ from lightning_chaos import functional
 from lightning_chaos.edge import EdgeOfChaosMonitor
 from lightning_chaos.finder import ChaosLRFinder, ChaosLRFinderResult, find_chaos_lr
 from lightning_chaos.probe import ChaosProbe
+from lightning_chaos.tangent import TangentProbe
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "ChaosLRFinderResult",
     "ChaosProbe",
     "EdgeOfChaosMonitor",
+    "TangentProbe",
     "find_chaos_lr",
     "functional",
     "__version__",

@@ -6,13 +6,16 @@ when a ``TensorBoardLogger`` is present.
 """
 
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+if TYPE_CHECKING:  # the finder imports this module
+    from lightning_chaos.finder import ChaosLRFinderResult
 
 PREFIX = "chaos"
 DISTANCE_MEAN = f"{PREFIX}/distance/mean"
@@ -106,7 +109,7 @@ def write_hparams(trainer: Trainer, params: Mapping[str, float], metrics: Mappin
 FINDER_PREFIX = "chaos_lr_finder"
 
 
-def write_finder_result(logger: TensorBoardLogger, result) -> None:
+def write_finder_result(logger: TensorBoardLogger, result: "ChaosLRFinderResult") -> None:
     """The finder's figure under Images and Λ(η), ρ(η) and the loss ratio as scalars indexed by grid position (η logged
     beside)."""
     writer = logger.experiment
@@ -132,3 +135,41 @@ def add_figure(logger: TensorBoardLogger, tag: str, draw: Callable[[], Any], ste
         rank_zero_warn(f"{owner}: could not draw the figure {tag!r} for TensorBoard: {error!r}")
         return
     logger.experiment.add_figure(tag, figure, global_step=step, close=True)
+
+
+# -- tangent-space exponents and the sharpness (TangentProbe) -----------------------------------------------------------
+
+TANGENT_PREFIX = f"{PREFIX}/tangent"
+TANGENT_NUM_POSITIVE = f"{TANGENT_PREFIX}/num_positive"
+TANGENT_KAPLAN_YORKE = f"{TANGENT_PREFIX}/kaplan_yorke"
+SHARPNESS = f"{PREFIX}/sharpness"
+SHARPNESS_THRESHOLD = f"{PREFIX}/sharpness_threshold"
+PRECONDITIONED_SHARPNESS = f"{PREFIX}/preconditioned_sharpness"
+PRECONDITIONED_SHARPNESS_THRESHOLD = f"{PREFIX}/preconditioned_sharpness_threshold"
+
+
+def tangent_exponent_tag(index: int) -> str:
+    return f"{TANGENT_PREFIX}/exponent_{index}"
+
+
+def tangent_layout() -> dict:
+    """Custom-scalars charts of the tangent spectrum, and the sharpness with its stability threshold (2/η for GD)
+    on one chart: the edge of stability is where the two lines meet."""
+    return {
+        "chaos tangent": {
+            "tangent Lyapunov spectrum (per optimizer step)": ["Multiline", [rf"^{TANGENT_PREFIX}/exponent_\d+$"]],
+            "positive exponents and Kaplan-Yorke dimension": [
+                "Multiline", [rf"^{TANGENT_NUM_POSITIVE}$", rf"^{TANGENT_KAPLAN_YORKE}$"]],
+            "sharpness and its threshold (2/lr for GD)": [
+                "Multiline", [rf"^{SHARPNESS}$", rf"^{SHARPNESS_THRESHOLD}$"]],
+            "preconditioned sharpness and (2 + 2 beta1)/((1 - beta1) lr) (Adam)": [
+                "Multiline", [rf"^{PRECONDITIONED_SHARPNESS}$", rf"^{PRECONDITIONED_SHARPNESS_THRESHOLD}$"]],
+        }
+    }
+
+
+def write_tangent_layout(trainer: Trainer, with_chaos_layout: bool) -> None:
+    """Write the tangent charts (with the shadows' charts too when ``with_chaos_layout``: one layout per writer)."""
+    layout = {**custom_scalars_layout(), **tangent_layout()} if with_chaos_layout else tangent_layout()
+    for logger in tensorboard_loggers(trainer):
+        logger.experiment.add_custom_scalars(layout)

@@ -1,5 +1,6 @@
 """Pure estimators on tensors: distances between parameter vectors, Lyapunov exponents of the training trajectory,
-and the edge of chaos of the network's own map.
+the edge of chaos of the network's own map, and the tangent-space pieces (QR renormalisation, the sharpness, the
+optimizers' linearised updates).
 
 Everything here works on recorded arrays without a Trainer, in the spirit of ``torchmetrics.functional``.
 """
@@ -23,10 +24,25 @@ from lightning_chaos.functional.exponents import (
     saturation_cut,
     window_fit_before_saturation,
 )
+from lightning_chaos.functional.tangent import (
+    TopEigen,
+    adam_preconditioner,
+    adam_sharpness_threshold,
+    adam_tangent_step,
+    gd_sharpness_threshold,
+    hessian_top_eigenvalue,
+    kaplan_yorke_dimension,
+    qr_renormalize,
+    sgd_tangent_step,
+)
 
 __all__ = [
     "OrderParameters",
+    "TopEigen",
     "WindowFit",
+    "adam_preconditioner",
+    "adam_sharpness_threshold",
+    "adam_tangent_step",
     "asymptotic_jacobian_norm",
     "benettin_exponent",
     "best_window_fit",
@@ -34,11 +50,16 @@ __all__ = [
     "edge_of_chaos_boundary",
     "finite_time_exponent",
     "flat_norm",
+    "gd_sharpness_threshold",
+    "hessian_top_eigenvalue",
+    "kaplan_yorke_dimension",
     "map_lyapunov_exponent",
     "mean_field_chi",
     "network_mle",
     "order_parameters",
     "parameter_distance",
+    "qr_renormalize",
     "saturation_cut",
+    "sgd_tangent_step",
     "window_fit_before_saturation",
 ]

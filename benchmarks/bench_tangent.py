@@ -1,0 +1,108 @@
+"""Per-step cost of TangentProbe(k = 1, 4, 16) against ChaosProbe(num_shadows = 1, 4, 16) and no probe.
+
+The quickstart MLP (64-128-10 tanh, SGD, batch 64 on sklearn digits) on the CPU, one thread. The machine is noisy, so
+every configuration runs once per round, rounds interleaved, and the medians of per-step times are compared in one
+process. A probe's *cost* is its median step time minus the unprobed one.
+
+Formula: a tangent costs one Hessian-vector product of the step's loss plus the optimizer's linearised update — the
+step's forward and a backward that keeps its graph (about one training step), then one more backward for all k
+tangents at once (``is_grads_batched``) — and holds one copy of the parameters and optimizer state per tangent, plus a
+QR of a [D, k] matrix per re-orthonormalisation (O(D k²)).
+
+Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60]``; writes benchmarks/results/tangent_cpu.json.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_chaos import ChaosProbe
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+from lightning_chaos.tangent import TangentProbe
+
+RESULTS = Path(__file__).resolve().parent / "results" / "tangent_cpu.json"
+WARMUP = 10
+
+
+class StepTimer(Callback):
+    """Wall time between consecutive batch starts: everything a training step costs, the probes' work included."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def configurations() -> dict:
+    configs = {"none": lambda: []}
+    for k in (1, 4, 16):
+        configs[f"tangent_k{k}"] = lambda k=k: [TangentProbe(num_exponents=k)]
+    for k in (1, 4, 16):
+        configs[f"chaos_k{k}"] = lambda k=k: [ChaosProbe(num_shadows=k, sentinel_steps=0)]
+    return configs
+
+
+def run_once(probes: list, steps: int) -> float:
+    L.seed_everything(0, verbose=False)
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer, *probes])
+    trainer.fit(MLPClassifier(), DigitsDataModule(batch_size=64))
+    deltas = [b - a for a, b in zip(timer.starts, timer.starts[1:])][WARMUP:]
+    return statistics.median(deltas)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    configs = configurations()
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, make in configs.items():
+            times[name].append(run_once(make(), args.steps))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    cost = {name: median[name] - median["none"] for name in configs if name != "none"}
+    ratios = {
+        "tangent_k1_over_one_shadow": cost["tangent_k1"] / cost["chaos_k1"],
+        "tangent_k16_over_tangent_k1": cost["tangent_k16"] / cost["tangent_k1"],
+        "tangent_k4_over_tangent_k1": cost["tangent_k4"] / cost["tangent_k1"],
+    }
+    result = {
+        "model": "MLPClassifier 64-128-10 tanh, SGD, batch 64, sklearn digits",
+        "device": "cpu, 1 thread",
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "median_step_ms": {k: 1e3 * v for k, v in median.items()},
+        "probe_cost_ms": {k: 1e3 * v for k, v in cost.items()},
+        "ratios": ratios,
+        "targets": {"tangent_k1_over_one_shadow": 1.5, "tangent_k16_over_tangent_k1": 4.0},
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"{'configuration':<14} {'step ms':>8} {'cost ms':>8}")
+    for name in configs:
+        print(f"{name:<14} {1e3 * median[name]:8.2f} {1e3 * cost.get(name, 0.0):8.2f}")
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,315 @@
+"""TangentProbe against exact answers (GD and heavy ball on a quadratic, the logistic map), against ChaosProbe on a
+real MLP, and the callback's contract: observation never perturbs, refusals, bad input, checkpoints, logging."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import DropoutMLP, Quadratic, dummy_loader, load_example, quiet_trainer, random_classification
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_chaos import ChaosProbe
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+from lightning_chaos.tangent import TangentProbe
+
+torch.set_num_threads(1)
+
+
+def _increments(history: torch.Tensor, start: int) -> torch.Tensor:
+    """The mean exponents over steps (start, T]: (T·S(T) − start·S(start)) / (T − start), free of the transient."""
+    steps = history.shape[0]
+    return (history[-1] * steps - history[start - 1] * start) / (steps - start)
+
+
+# -- exact checks ---------------------------------------------------------------------------------------------------
+
+
+def test_gd_on_a_quadratic_gives_the_exact_spectrum_and_sharpness():
+    eigenvalues, lr, steps = [0.2, 1.2, 2.6, 3.4, 4.6], 0.5, 120
+    probe = TangentProbe(num_exponents=5, sharpness=True, sharpness_every=10)
+    quiet_trainer(max_steps=steps, callbacks=[probe]).fit(Quadratic(eigenvalues, lr, seed=3), dummy_loader(steps))
+    expected = torch.tensor(sorted((math.log(abs(1 - lr * a)) for a in eigenvalues), reverse=True),
+                            dtype=torch.float64)
+    # after the alignment transient every step grows each direction by exactly |1 − η a_i|
+    torch.testing.assert_close(_increments(probe.spectrum_history, 40), expected, rtol=0, atol=1e-9)
+    # the running exponents carry the transient ln|cos|/t
+    torch.testing.assert_close(probe.lyapunov_spectrum, expected, rtol=0, atol=0.06)
+    assert probe.spectrum_history.shape == (steps, 5)
+    assert probe.num_positive == 1  # 4.6 > 2/η = 4: the one unstable direction
+    assert probe.sharpness == pytest.approx(4.6, rel=1e-6)
+    assert probe.sharpness_threshold == pytest.approx(2 / lr)
+    assert len(probe.sharpness_history) == 12 and probe.sharpness_steps.tolist()[:2] == [0, 10]
+    assert probe.trusted
+
+
+class HeavyBallQuadratic(Quadratic):
+    def __init__(self, eigenvalues, lr, momentum, seed=0):
+        super().__init__(eigenvalues, lr, seed)
+        self.momentum = momentum
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def test_heavy_ball_on_a_quadratic_gives_the_roots_of_each_direction():
+    """Per direction the tangent map has the roots of z² − (1 + μ − ηa)z + μ; a complex pair gives two exponents
+    ln √μ."""
+    eigenvalues, lr, momentum, steps = [0.05, 1.0, 7.0], 0.5, 0.5, 400
+    roots = np.concatenate([np.roots([1.0, -(1 + momentum - lr * a), momentum]) for a in eigenvalues])
+    expected = torch.tensor(sorted(np.log(np.abs(roots)), reverse=True), dtype=torch.float64)
+    probe = TangentProbe(num_exponents=6)
+    quiet_trainer(max_steps=steps, callbacks=[probe]).fit(HeavyBallQuadratic(eigenvalues, lr, momentum, seed=1),
+                                                          dummy_loader(steps))
+    assert probe.spectrum_history.shape == (steps - 1, 6)  # attached once the momentum buffer existed
+    increments = _increments(probe.spectrum_history, 100)
+    pair = [2, 3]  # a = 1: complex roots of modulus √μ
+    real = [0, 1, 4, 5]
+    torch.testing.assert_close(increments[real], expected[real], rtol=0, atol=1e-9)
+    torch.testing.assert_close(increments[pair].sum(), expected[pair].sum(), rtol=0, atol=1e-9)
+    # the pair's split oscillates with the rotation: each running value within C/t of ln √μ
+    torch.testing.assert_close(probe.lyapunov_spectrum[pair], torch.full((2,), math.log(momentum) / 2,
+                                                                         dtype=torch.float64), rtol=0, atol=0.02)
+    assert probe.num_positive == 1
+
+
+class LogisticMap(L.LightningModule):
+    """A one-parameter model whose GD step is x ← r x (1 − x): L'(x) = (x − f(x))/η, L = ((1 − r)x²/2 + r x³/3)/η."""
+
+    def __init__(self, r=4.0, lr=0.1, x0=0.3):
+        super().__init__()
+        self.r, self.lr = r, lr
+        self.x = nn.Parameter(torch.tensor([x0], dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        x = self.x
+        return (((1 - self.r) * x**2 / 2 + self.r * x**3 / 3) / self.lr).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class RecordParameters(Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.values.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
+
+
+def test_the_logistic_map_as_a_gd_model_gives_ln_2():
+    steps, r = 1200, 4.0
+    recorder, probe = RecordParameters(), TangentProbe()
+    quiet_trainer(max_steps=steps, callbacks=[recorder, probe]).fit(LogisticMap(r), dummy_loader(steps))
+    orbit = torch.cat(recorder.values)
+    assert orbit.min() > 0 and orbit.max() < 1  # the orbit stayed on the attractor
+    exact = (r - 2 * r * orbit).abs().log().mean().item()  # the time average of ln|f'(x_t)| on this very orbit
+    assert probe.lyapunov_spectrum.item() == pytest.approx(exact, abs=1e-12)
+    assert probe.lyapunov_spectrum.item() == pytest.approx(math.log(2), abs=0.05)  # ergodic average, error ~ 1/√T
+
+
+def test_top_exponent_agrees_with_chaos_probe_on_a_real_float64_mlp():
+    """Full-batch GD on sklearn digits: the renormalised shadow (ε = 1e-9, every step) and the tangent measure the
+    same exponent; after the transient their per-step growth agrees to 1e-4."""
+    torch.manual_seed(0)
+    steps = 200
+    tangent = TangentProbe(num_exponents=1)
+    shadow = ChaosProbe(epsilon=1e-9, relative=False, renormalize_every=1, sentinel_steps=0)
+    quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[tangent, shadow]).fit(
+        MLPClassifier(hidden=(32,), lr=2.0).double(), DigitsDataModule(batch_size=None, dtype=torch.float64))
+    d = shadow.distances[:, 0]
+    shadow_growth = (d[1:] / d[0]).log()  # renormalised to d(0) every step: ln(d(t)/d(0)) is one step's growth
+    assert abs(_increments(tangent.spectrum_history, 100).item() - shadow_growth[100:].mean().item()) < 1e-4
+    assert tangent.lyapunov_spectrum.item() == pytest.approx(shadow.running_exponents.item(), rel=0.1)
+
+
+# -- the callback's contract ----------------------------------------------------------------------------------------
+
+
+class Recorder(Callback):
+    """What the user sees of the real training: losses, logged metrics, gradients."""
+
+    def __init__(self):
+        self.losses, self.metrics, self.grads = [], [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.clone() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+        self.metrics.append({k: v.clone() for k, v in trainer.callback_metrics.items()})
+
+
+def _fit_dropout_mlp(optimizer, probes, max_steps=12):
+    L.seed_everything(0, verbose=False)
+    model = DropoutMLP(optimizer=optimizer, dropout=0.3)
+    recorder = Recorder()
+    loader = DataLoader(random_classification(), batch_size=16, shuffle=True)
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=[*probes, recorder])
+    trainer.fit(model, loader)
+    state = trainer.optimizers[0].state_dict()["state"]
+    return model, state, recorder, torch.get_rng_state(), np.random.get_state()[1].copy()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_observation_never_perturbs(optimizer):
+    """With dropout: weights, optimizer state, gradients, losses, logged metrics and the RNG are bit-identical."""
+    plain = _fit_dropout_mlp(optimizer, [])
+    probe = TangentProbe(num_exponents=3, sharpness=True, sharpness_every=3)
+    probed = _fit_dropout_mlp(optimizer, [probe])
+    assert probe.spectrum_history.shape[0] >= 10 and probe.trusted  # the replayed gradient matched the real one
+    assert torch.isfinite(probe.lyapunov_spectrum).all() and math.isfinite(probe.sharpness)
+    for a, b in zip(plain[0].parameters(), probed[0].parameters()):
+        assert torch.equal(a, b)
+    for key, state in plain[1].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(probed[1][key][name]))
+    for grads_a, grads_b in zip(plain[2].grads, probed[2].grads):
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert all(torch.equal(a, b) for a, b in zip(plain[2].losses, probed[2].losses))
+    for a, b in zip(plain[2].metrics, probed[2].metrics):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(plain[3], probed[3]) and np.array_equal(plain[4], probed[4])
+
+
+def test_adam_gets_the_preconditioned_sharpness_and_its_threshold():
+    probe = TangentProbe(num_exponents=2, sharpness=True, sharpness_every=2)
+    model = _fit_dropout_mlp("adam", [probe])[0]
+    lr = model.lr / 20
+    assert probe.preconditioned_sharpness_threshold == pytest.approx(38 / lr)
+    assert probe.preconditioned_sharpness > 0 and len(probe.preconditioned_sharpness_history) == 6
+    assert math.isnan(probe.sharpness_threshold)
+
+
+class RMSpropMLP(DropoutMLP):
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=0.01)
+
+
+def test_an_unsupported_optimizer_warns_and_leaves_training_untouched():
+    def fit(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = RMSpropMLP()
+        quiet_trainer(max_steps=5, callbacks=callbacks).fit(model, DataLoader(random_classification(), batch_size=16))
+        return model
+
+    plain = fit([])
+    probe = TangentProbe()
+    with pytest.warns(UserWarning, match="RMSprop is not supported"):
+        probed = fit([probe])
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), probed.parameters()))
+    assert probe.spectrum_history.shape == (0, 1) and math.isnan(probe.lyapunov_spectrum.item())
+
+
+@pytest.mark.parametrize("trainer_kwargs, match", [
+    (dict(accumulate_grad_batches=2), "gradient accumulation"),
+    (dict(gradient_clip_val=1.0), "gradient clipping"),
+])
+def test_accumulation_and_clipping_are_refused(trainer_kwargs, match):
+    probe = TangentProbe()
+    with pytest.warns(UserWarning, match=match):
+        quiet_trainer(max_steps=2, callbacks=[probe], **trainer_kwargs).fit(
+            DropoutMLP(), DataLoader(random_classification(), batch_size=16))
+    assert probe.spectrum_history.shape[0] == 0
+
+
+class ManualModel(DropoutMLP):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+def test_manual_optimization_is_refused_at_setup():
+    with pytest.raises(MisconfigurationException, match="automatic optimization"):
+        quiet_trainer(max_steps=1, callbacks=[TangentProbe()]).fit(ManualModel(),
+                                                                   DataLoader(random_classification(), batch_size=16))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_exponents=0), "num_exponents"),
+    (dict(num_exponents=True), "num_exponents"),
+    (dict(num_exponents=2.0), "num_exponents"),
+    (dict(orthonormalize_every=0), "orthonormalize_every"),
+    (dict(sharpness="yes"), "sharpness"),
+    (dict(sharpness_every=0), "sharpness_every"),
+    (dict(start_step=-1), "start_step"),
+    (dict(start_step=5, stop_step=5), "stop_step"),
+    (dict(stop_step=1.5), "stop_step"),
+    (dict(log_every_n_steps=0), "log_every_n_steps"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        TangentProbe(**kwargs)
+
+
+def test_too_many_exponents_for_the_state_disable_the_probe():
+    probe = TangentProbe(num_exponents=4)
+    with pytest.warns(UserWarning, match="exceeds the dimension 3"):
+        quiet_trainer(max_steps=3, callbacks=[probe]).fit(Quadratic([1.0, 2.0, 3.0], 0.1), dummy_loader(3))
+
+
+def test_start_and_stop_step_window_the_probe():
+    probe = TangentProbe(num_exponents=2, start_step=5, stop_step=15, orthonormalize_every=2)
+    quiet_trainer(max_steps=30, callbacks=[probe]).fit(Quadratic([0.5, 1.0, 3.0], 0.1, seed=2), dummy_loader(30))
+    history = probe.spectrum_history
+    assert history.shape == (10, 2)
+    assert torch.isnan(history[0]).all() and torch.equal(history[1], history[2])  # QR every 2nd step only
+    assert probe._tangents is None  # freed at stop_step
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+    def probe():
+        return TangentProbe(num_exponents=4, sharpness=True, sharpness_every=5)
+
+    def model():
+        return HeavyBallQuadratic([0.3, 1.0, 2.0, 5.0], 0.2, 0.6, seed=4)
+
+    whole = probe()
+    quiet_trainer(max_steps=40, callbacks=[whole]).fit(model(), dummy_loader(40))
+
+    first = probe()
+    trainer = quiet_trainer(max_steps=20, callbacks=[first])
+    trainer.fit(model(), dummy_loader(40))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = probe()
+    quiet_trainer(max_steps=40, callbacks=[resumed]).fit(model(), dummy_loader(40), ckpt_path=tmp_path / "half.ckpt")
+
+    assert torch.equal(resumed.spectrum_history, whole.spectrum_history)
+    assert torch.equal(resumed.lyapunov_spectrum, whole.lyapunov_spectrum)
+    assert torch.equal(resumed.sharpness_history, whole.sharpness_history)
+
+
+def test_logs_the_spectrum_and_the_sharpness_with_its_threshold(tmp_path):
+    probe = TangentProbe(num_exponents=2, sharpness=True, sharpness_every=1, log_every_n_steps=5)
+    logger = CSVLogger(tmp_path, name="run")
+    quiet_trainer(max_steps=10, logger=logger, callbacks=[probe]).fit(Quadratic([1.0, 3.0, 5.0], 0.3, seed=2),
+                                                                      dummy_loader(10))
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    for tag in ["chaos/tangent/exponent_0", "chaos/tangent/exponent_1", "chaos/tangent/num_positive",
+                "chaos/tangent/kaplan_yorke", "chaos/sharpness", "chaos/sharpness_threshold"]:
+        assert tag in columns
+    logged = [row for row in rows if row["chaos/sharpness"]]
+    assert [int(row["step"]) for row in logged][:2] == [5, 10]
+    assert float(logged[-1]["chaos/sharpness"]) == pytest.approx(5.0, rel=1e-4)
+    assert float(logged[-1]["chaos/sharpness_threshold"]) == pytest.approx(2 / 0.3)
+
+
+def test_edge_of_stability_example_quick():
+    """The example in --quick mode: full-batch GD sharpens until the sharpness reaches 2/η and stays near it."""
+    example = load_example("edge_of_stability")
+    result = example.main(["--quick", "--no-plot"])
+    sharpness, threshold = result["sharpness"], result["threshold"]
+    assert sharpness[0] < 0.7 * threshold  # it started well below the edge: progressive sharpening
+    assert abs(result["plateau_ratio"] - 1) < 0.25  # and ended at 2/η within ±25 %
