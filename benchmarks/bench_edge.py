@@ -14,6 +14,9 @@ Timed: whole training epochs, by callbacks stamping ``time.perf_counter()`` at `
 and ``on_train_epoch_end`` (listed last); the first epoch (which holds the fit-start record) is dropped. Rounds
 alternate the arms' order; the per-step overhead is formed within a round and summarised by the median over rounds.
 
+Between records, also the monitor's hooks called directly, 100 000 times: their own cost per batch, free of the noise
+of whole epochs.
+
 Per record: the wall time of ``EdgeOfChaosMonitor._record`` on the 784-wide layer, at the papers' defaults
 (``num_inputs=100, steps=500``) and at a lighter setting (``num_inputs=32, steps=200, transient=40``), each the median
 of ``--record-repeats`` calls on the trained fit's weights and captured inputs.
@@ -162,6 +165,18 @@ def main() -> None:
         records[label] = statistics.median(seconds)
         print(f"one record, {label}: {records[label]:.2f} s (median of {args.record_repeats})")
 
+    # The monitor's own work on a batch between records: its hooks, called directly (no training around them).
+    hooks = (lambda: monitor.on_train_batch_start(trainer, model, None, 0),
+             lambda: monitor.on_before_backward(trainer, model, None),
+             lambda: monitor.on_train_batch_end(trainer, model, None, None, 0))
+    calls = 100_000
+    start = time.perf_counter()
+    for _ in range(calls):
+        for hook in hooks:
+            hook()
+    hook_us = (time.perf_counter() - start) / calls * 1e6
+    print(f"the monitor's hooks on a batch between records: {hook_us:.2f} µs")
+
     steps_per_epoch = args.samples // 32
     output = {
         "benchmark": "bench_edge.py",
@@ -178,6 +193,7 @@ def main() -> None:
         "ratio_median": statistics.median(ratios),
         "ratio_range": [min(ratios), max(ratios)],
         "record_seconds": records,
+        "hooks_per_batch_us": hook_us,
         "record_in_steps_of_training": {k: v / statistics.median(r["none"] for r in rounds) for k, v in records.items()},
         "steps_per_epoch": steps_per_epoch,
     }
