@@ -540,10 +540,11 @@ class TangentProbe(Callback):
         def hvp(vectors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             if not curved:
                 return tuple(torch.zeros_like(v) for v in vectors)
+            single = vectors[0].shape[0] == 1  # batching one vector through vmap only adds overhead
             products = torch.autograd.grad([gradients[i] for i in curved], leaves,
-                                           grad_outputs=[vectors[i] for i in curved], retain_graph=True,
-                                           is_grads_batched=True, materialize_grads=True)
-            return tuple(product.detach() for product in products)
+                                           grad_outputs=[vectors[i][0] if single else vectors[i] for i in curved],
+                                           retain_graph=True, is_grads_batched=not single, materialize_grads=True)
+            return tuple(product.detach().unsqueeze(0) if single else product.detach() for product in products)
 
         return tuple(g.detach() for g in gradients), hvp
 
