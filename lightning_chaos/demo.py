@@ -162,7 +162,9 @@ class OfflineImagesDataModule(DigitsDataModule):
     Args:
         dataset: ``"auto"`` (Fashion-MNIST if present, else digits), ``"fashion"`` or ``"digits"``.
         limit: use the first ``limit`` Fashion-MNIST images (all 60 000 by default: slow on a CPU).
-        batch_size, val_fraction, split_seed: as :class:`DigitsDataModule`.
+        batch_size: as :class:`DigitsDataModule`.
+        val_fraction: as :class:`DigitsDataModule`.
+        split_seed: as :class:`DigitsDataModule`.
     """
 
     def __init__(
@@ -199,7 +201,9 @@ class SmallCNN(_Classifier):
 
     Args:
         channels: output channels of the two convolutions.
-        num_classes, lr, momentum: as :class:`MLPClassifier`.
+        num_classes: as :class:`MLPClassifier`.
+        lr: as :class:`MLPClassifier`.
+        momentum: as :class:`MLPClassifier`.
         in_features: accepted for configuration symmetry with the MLP and ignored.
     """
 

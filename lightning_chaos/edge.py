@@ -366,7 +366,8 @@ class EdgeOfChaosMonitor(Callback):
             return h if activation is None else activation(h)
 
         j0, j = order_parameters(weight)
-        j_c = edge_of_chaos_boundary(j0 / j, layer.boundary) if layer.boundary and j > 0 else math.nan
+        j_c = float(edge_of_chaos_boundary(j0 / j, layer.boundary)) if layer.boundary and j > 0 else math.nan
+        assert layer.inputs is not None  # only layers with captured inputs are recorded
         return {
             "J0": j0,
             "J": j,
@@ -377,6 +378,7 @@ class EdgeOfChaosMonitor(Callback):
 
     def _map_record(self, pl_module: LightningModule, name: str, fn: MapFn) -> dict[str, float]:
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
+        assert self._map_inputs is not None  # maps are recorded only once the batch's inputs are captured
         inputs = self._map_inputs.to(device=pl_module.device, dtype=dtype)
         try:
             found = fn(pl_module, inputs[:1])

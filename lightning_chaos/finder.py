@@ -5,7 +5,8 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -382,7 +383,10 @@ class ChaosLRFinder(Callback):
         attr_name = self._lr_attribute(pl_module) if self.update_attr else self.attr_name
         optimizer = trainer.optimizers[0]
         self._onset_margin, self._edge_margin = self._margins(optimizer)
-        base_lr = float(lightning_getattr(pl_module, attr_name)) if attr_name else _unscheduled_lr(optimizer.param_groups[0])
+        base_lr = (
+            float(lightning_getattr(pl_module, attr_name))  # type: ignore[arg-type]  # the model's number
+            if attr_name else _unscheduled_lr(optimizer.param_groups[0])
+        )
         started = time.monotonic()
         # Lightning's isolate_rng restores only on a normal exit: an error (or an interrupt) in the user's
         # training_step would leave the global streams where the sweep seeded them.
@@ -405,7 +409,7 @@ class ChaosLRFinder(Callback):
     def _margins(self, optimizer: Optimizer) -> tuple[float, float]:
         """The margins below the onset and below the top of the learning band."""
         if self.margin != "auto":
-            return self.margin, self.margin
+            return cast(float, self.margin), cast(float, self.margin)  # a number: checked in __init__
         return MARGIN, auto_margin(optimizer)
 
     # -- the sweep ------------------------------------------------------------------------------------------------
@@ -496,7 +500,10 @@ class ChaosLRFinder(Callback):
         table = torch.tensor([[run[0] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
         return bool(chaotic_mask(table, self.steps_per_lr, rule=self.rule)[-1].double().mean() >= 0.5)
 
-    def _run_grid(self, trainer, pl_module, lrs, inits, batches, base_lr, runs, progress) -> None:
+    def _run_grid(
+        self, trainer: Trainer, pl_module: LightningModule, lrs: list[float], inits: list[Any], batches: list,
+        base_lr: float, runs: dict[float, list[tuple[float, float, bool]]], progress: Any,
+    ) -> None:
         for lr in lrs:
             runs[lr] = []
         for init_state in inits:
@@ -525,7 +532,7 @@ class ChaosLRFinder(Callback):
         for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
             group["lr"] = _unscheduled_lr(template) * lr_scale  # a fixed η: no warm-up factor
         if reference_optimizer.param_groups[0].get("train_mode") is False:  # schedule-free: step only in train mode
-            reference_optimizer.train()
+            reference_optimizer.train()  # type: ignore[attr-defined]  # a schedule-free optimizer's mode
         shadows = ShadowEnsemble(
             reference.shadows[0],
             reference_optimizer,
@@ -535,7 +542,7 @@ class ChaosLRFinder(Callback):
         )
         return _Candidate(reference, shadows, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
 
-    def _train_one(self, pl_module: LightningModule, candidate: "_Candidate", batches: list, step_context) -> None:
+    def _train_one(self, pl_module: LightningModule, candidate: "_Candidate", batches: list, step_context: Any) -> None:
         """One candidate after the other: only two copies of the model in memory at a time."""
         device, accumulate = pl_module.device, self._accumulate
         window: list[Optional[Tensor]] = []  # the losses of this optimizer step's batches
@@ -547,7 +554,8 @@ class ChaosLRFinder(Callback):
                     break
                 window = []
 
-    def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list, step_context):
+    def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list,
+                       step_context: Any) -> None:
         """All candidates (references and shadows of every η) in one ``vmap`` per batch and, where the optimizer
         allows, one optimizer step (:class:`~lightning_chaos.vectorized.StackedOptimizer`); one at a time from the
         batch where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
@@ -577,7 +585,7 @@ class ChaosLRFinder(Callback):
                     stacked = self._stack_candidates(in_stack, names)
                     stepper = self._stacked_optimizer(stacked, in_stack)
                 windows = [[] for _ in active]
-            losses = None
+            losses: Optional[Tensor] = None
             if stacked is not None:
                 try:
                     with replayed_rng(rng_state, device):
@@ -599,7 +607,7 @@ class ChaosLRFinder(Callback):
                     if stepper is None:
                         candidate.reference.take_gradients(grads, [offset], zero_grad=first_of_step)
                         candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), first_of_step)
-                    loss = losses[offset]
+                    loss: Optional[Tensor] = losses[offset]
                 else:
                     loss = candidate.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
                 windows[row].append(loss)
@@ -609,7 +617,7 @@ class ChaosLRFinder(Callback):
                     candidate.release_gradients()
             if last_of_step and stepper is not None:
                 stepper.release_gradients()
-            grads = None  # with the .grad views gone, the batched gradients are freed before the next step's
+            grads = None  # type: ignore[assignment]  # with the .grad views gone, the batched gradients are freed before the next step's
 
     def _stacked_optimizer(
         self, stacked: Optional[StackedShadows], candidates: list["_Candidate"]
@@ -719,11 +727,11 @@ class ChaosLRFinder(Callback):
         for index in range(1, self.num_inits):
             torch.manual_seed(self.seed + 1000 + index)
             if callable(getattr(scratch, "reset_parameters", None)):
-                scratch.reset_parameters()
+                scratch.reset_parameters()  # type: ignore[operator]  # nn.Module.__getattr__ types it a Tensor
             else:
                 for module in scratch.modules():
                     if module is not scratch and callable(getattr(module, "reset_parameters", None)):
-                        module.reset_parameters()
+                        module.reset_parameters()  # type: ignore[operator]
             states.append({k: v.clone() for k, v in scratch.state_dict().items()})
         return states
 
@@ -759,7 +767,7 @@ class ChaosLRFinder(Callback):
                     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     @staticmethod
-    def _progress(trainer: Trainer, total: int):
+    def _progress(trainer: Trainer, total: int) -> Any:
         if not trainer.is_global_zero or trainer.progress_bar_callback is None:
             return None
         from tqdm.auto import tqdm
@@ -956,7 +964,7 @@ def _batches_per_pass(loader: CombinedLoader, limit: Union[int, float]) -> Union
     return _parse_num_batches(RunningStage.TRAINING, length, limit)
 
 
-def _batches_of(loader: CombinedLoader):
+def _batches_of(loader: CombinedLoader) -> Iterator[Any]:
     iter(loader)
     for batch, _, _ in loader:
         yield batch
@@ -986,11 +994,11 @@ def find_chaos_lr(
     """
     finder = ChaosLRFinder(**finder_kwargs)
     finder._early_exit = True
-    trainer.callbacks = [*trainer.callbacks, finder]
+    trainer.callbacks = [*trainer.callbacks, finder]  # type: ignore[attr-defined]  # set in Trainer.__init__
     try:
         trainer.fit(model, train_dataloaders, val_dataloaders, datamodule)
     finally:
-        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not finder]
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not finder]  # type: ignore[attr-defined]
     if finder.result is None:  # pragma: no cover - fit ended before on_fit_start
         raise RuntimeError("find_chaos_lr: the sweep did not run")
     return finder.result

@@ -163,10 +163,10 @@ class ShadowOptimizer:
         return nullcontext()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:  # schedule-free's mode switch, when the class has it
-        return self._optimizer.train(*args, **kwargs)
+        return self._optimizer.train(*args, **kwargs)  # type: ignore[attr-defined]
 
     def eval(self, *args: Any, **kwargs: Any) -> Any:
-        return self._optimizer.eval(*args, **kwargs)
+        return self._optimizer.eval(*args, **kwargs)  # type: ignore[attr-defined]
 
 
 def run_batch(
@@ -228,7 +228,7 @@ def run_batch(
     if not context.optimizer_steps:  # a micro-batch of an accumulation window
         closure()
     elif "optimizer_step" in hooks:
-        module.optimizer_step(context.epoch, batch_idx, optimizer, closure)
+        module.optimizer_step(context.epoch, batch_idx, optimizer, closure)  # type: ignore[arg-type]  # the facade
     else:  # LightningModule.optimizer_step's own body
         optimizer.step(closure=closure)
     return result
@@ -243,7 +243,7 @@ def mirroring_blocker(module: LightningModule, optimizer: Optimizer, stacked_opt
     and backward for all shadows, so it cannot run per shadow what happens inside them, nor re-evaluate the loss.
     ``stacked_optimizer``: the finder's stack also steps all rows at once, so no hook around the step can run per row
     either (gradient clipping excepted, which it applies per candidate)."""
-    blockers = BATCHED_PATH_BLOCKERS
+    blockers: tuple[str, ...] = BATCHED_PATH_BLOCKERS
     if stacked_optimizer:
         blockers += tuple(h for h in PER_SHADOW_HOOKS if h != "configure_gradient_clipping")
     hooks = overridden_hooks(module, blockers)
@@ -454,9 +454,9 @@ def bind_optimizers(module: LightningModule, optimizer: ShadowOptimizer) -> None
     schedule-free optimizer's mode must switch the shadow's)."""
 
     def optimizers(use_pl_optimizer: bool = True) -> Optimizer:
-        return optimizer if use_pl_optimizer else optimizer.optimizer
+        return optimizer if use_pl_optimizer else optimizer.optimizer  # type: ignore[return-value]  # the facade
 
-    module.optimizers = optimizers  # type: ignore[method-assign]
+    module.optimizers = optimizers  # type: ignore[method-assign, assignment]
 
 
 class Isolated:

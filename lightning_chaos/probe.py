@@ -310,7 +310,7 @@ class ChaosProbe(Callback):
         if self._steps == 0 or self._ensemble is None:
             return torch.full((self.num_shadows,), math.nan, dtype=torch.float64)
         renormalized = self.renormalize_every is not None
-        pulled_back = renormalized and self._steps % self.renormalize_every == 0
+        pulled_back = self.renormalize_every is not None and self._steps % self.renormalize_every == 0
         growth = self._ensemble.log_growth(self._history[-1][-1], renormalized, pulled_back)
         exponents = benettin_exponent(growth.detach().to("cpu", torch.float64), self._steps)
         return torch.where(torch.tensor(self._alive), exponents, torch.nan)
@@ -387,7 +387,7 @@ class ChaosProbe(Callback):
         hooks see what the others did to the real training in the same hook (a warm-up callback's LR in
         ``on_before_optimizer_step``, random draws in ``on_train_batch_start``) and only the module's own hooks, which
         the shadows run themselves, come after it. The probe only observes: the others keep their order."""
-        callbacks = trainer.callbacks
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__, unannotated
         if self not in callbacks:
             return
         checkpoints = [c for c in callbacks if isinstance(c, Checkpoint)]
@@ -475,6 +475,7 @@ class ChaosProbe(Callback):
         if self._active and self._boundary_window_due(trainer, batch_idx):
             self._boundary_window = True
             self._sentinel_exact = True
+            assert self._ensemble is not None  # typing: _active
             try:
                 self._ensemble.add_twin(pl_module, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler",
                                                                                   None))
@@ -485,12 +486,14 @@ class ChaosProbe(Callback):
             self._rng_state = capture_rng_state(pl_module.device)
             self._batch = (batch, batch_idx)
             self._batch_global_step = trainer.global_step
+            assert self._ensemble is not None  # typing: _active
             self._guarded(self._ensemble.capture_outside)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Step-interval schedulers run before on_train_batch_end: read what was set from outside the step now.
         if self._active:
             self._real_stepped = True
+            assert self._ensemble is not None  # typing: _active
             sync = self._ensemble.optimizer_sync
             sync.during = self._guarded(sync.changes)
 
@@ -507,6 +510,7 @@ class ChaosProbe(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active and self._rng_state is not None:  # the module's on_train_batch_start returned -1
             batch, batch_idx = self._batch
+            assert self._ensemble is not None  # typing: _active
             self._guarded(self._ensemble.skipped_batch, batch, batch_idx, self._rng_state, pl_module.device,
                           self._alive)
             self._rng_state = None
@@ -568,6 +572,7 @@ class ChaosProbe(Callback):
             return {**state, "stopped": True, "running_exponents": self._final_running}
         if self._disabled:  # the shadows froze at the fault: resuming them would measure a stale separation
             return {**state, "stopped": True, "disabled": True, "running_exponents": self.running_exponents}
+        assert self._ensemble is not None  # typing: attached, neither stopped nor disabled
         return {
             **state,
             "measurements": self._ensemble.measurement_state(),
@@ -593,6 +598,7 @@ class ChaosProbe(Callback):
             self._stopped = True
             self._final_running = state["running_exponents"]
         else:
+            assert self._ensemble is not None  # typing: called by _attach, after the shadows are built
             self._ensemble.load_measurement_state(state["measurements"])
         self._alive = list(state["alive"])
 
@@ -623,6 +629,7 @@ class ChaosProbe(Callback):
             world_size=trainer.world_size,
         )
         ensemble = self._ensemble
+        assert ensemble is not None and self._rng_state is not None  # typing: on_train_batch_end checked both
         batched = ensemble.vectorized
         distances = ensemble.run_batch(batch, context, self._rng_state, pl_module.device, alive=self._alive)
         self._rng_state = None
@@ -632,7 +639,7 @@ class ChaosProbe(Callback):
         self._pending.append(distances)
         if ensemble.has_twin:
             self._sentinel_exact &= not batched and not ensemble.vectorized
-            self._drifts.append(ensemble.last_twin_drift)
+            self._drifts.append(ensemble.last_twin_drift)  # type: ignore[arg-type]  # a tensor while has_twin
             self._drift_steps.append(self._attach_step + self._steps)
             if len(self._drifts) >= self.sentinel_steps:
                 self._finish_sentinel(trainer)
@@ -647,7 +654,7 @@ class ChaosProbe(Callback):
         """Whether to start the sentinel's second window now: half of it before the end of the first epoch the probe
         sees whole, half after, so that it covers the epoch hooks, the validation run and the next epoch's start,
         where what the mirroring misses usually shows."""
-        if self._boundary_window or self._sentinel is None or self._ensemble.has_twin:
+        if self._boundary_window or self._sentinel is None or self._ensemble is None or self._ensemble.has_twin:
             return False
         batches = trainer.num_training_batches
         accumulate = trainer.accumulate_grad_batches
@@ -666,6 +673,7 @@ class ChaosProbe(Callback):
 
     def _mirror_epoch_hook(self, hook: str, pl_module: LightningModule) -> None:
         if self._active:
+            assert self._ensemble is not None  # typing: _active
             self._guarded(self._ensemble.sync_optimizer_modes)
             self._guarded(self._ensemble.sync_outside)
             self._guarded(self._ensemble.epoch_hook, hook, capture_rng_state(pl_module.device), pl_module.device,
@@ -673,6 +681,7 @@ class ChaosProbe(Callback):
 
     def _sync_modes(self) -> None:
         if self._active:
+            assert self._ensemble is not None  # typing: _active
             self._guarded(self._ensemble.sync_optimizer_modes)
 
     def _sentinel_so_far(self) -> Optional[dict[str, Any]]:
@@ -701,6 +710,7 @@ class ChaosProbe(Callback):
         drift = float(self._drifts[self._drift_steps.index(report["first_drift_step"])]) if newly_bad else None
         self._drifts, self._drift_steps = [], []
         self._sentinel = report
+        assert ensemble is not None  # typing: a report needs the ensemble
         ensemble.drop_twin()
         chaos_logging.log_metrics(
             trainer,
@@ -709,6 +719,7 @@ class ChaosProbe(Callback):
             self._attach_step + self._steps,
         )
         if newly_bad:
+            assert drift is not None  # typing: set when newly_bad
             rank_zero_warn(self._untrusted_message(trainer, drift, report))
 
     def _untrusted_message(self, trainer: Trainer, drift: float, report: dict[str, Any]) -> str:
@@ -716,7 +727,7 @@ class ChaosProbe(Callback):
         module = trainer.lightning_module
         hooks = overridden_hooks(module, TRAINING_HOOKS)
         callbacks = [
-            type(c).__name__ for c in trainer.callbacks
+            type(c).__name__ for c in trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__
             if not isinstance(c, ChaosProbe)
             and any(getattr(type(c), h) is not getattr(Callback, h) for h in _CALLBACK_TRAINING_HOOKS)
         ]
@@ -737,7 +748,7 @@ class ChaosProbe(Callback):
 
     def _should_vectorize(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         if self.vectorize != "auto":
-            return self.vectorize
+            return bool(self.vectorize)  # True or False: check_vectorize allows no other value
         if "16" in str(trainer.precision) and worth_vectorizing(pl_module, self.num_shadows):
             # Batched 16-bit kernels round otherwise than the real model's: measured at ε = 0 under bf16-mixed, the
             # batched shadows of a small MLP drifted 56x further within 18 steps than ε = 1e-4 sets them apart. One
@@ -753,6 +764,7 @@ class ChaosProbe(Callback):
         self._log(trainer)
         self._final_running = self.running_exponents
         self._stopped = True
+        assert self._ensemble is not None  # typing: called while attached
         self._ensemble.release()
         message = f"ChaosProbe: stopped at step {trainer.global_step} after {self._steps} probed steps; shadows released."
         if reason is None:
@@ -761,7 +773,7 @@ class ChaosProbe(Callback):
             rank_zero_warn(f"{message} Why: {reason}. The results up to here stay.")
 
     def _log_interval(self, trainer: Trainer) -> int:
-        return self.log_every_n_steps or trainer.log_every_n_steps or 1
+        return self.log_every_n_steps or trainer.log_every_n_steps or 1  # type: ignore[attr-defined]
 
     def _flush(self) -> None:
         """Move pending device distances to the host (one synchronisation) and retire shadows that diverged."""
@@ -847,8 +859,9 @@ class ChaosProbe(Callback):
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             return
-        value = float(value)
-        reached = value >= self.target if self.mode == "max" else value <= self.target
+        current = float(value)
+        assert self.target is not None  # typing: __init__ requires a target with a monitor
+        reached = current >= self.target if self.mode == "max" else current <= self.target
         if not reached:
             return
         self._time_to_target = {
@@ -871,6 +884,7 @@ class ChaosProbe(Callback):
         unit_roundoff = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
         compute = next((u for key, u in _COMPUTE_ROUNDOFF.items() if str(trainer.precision).startswith(key)), None)
         if self.epsilon > 0 and compute is not None and compute > unit_roundoff:
+            assert self._ensemble is not None  # typing: called by _attach, after the shadows are built
             separation = (self._ensemble.initial_distance.double().mean() / self._ensemble.reference_norm().double())
             if separation.item() < 10 * compute:
                 suggested = float(f"{10 * compute:.0e}")

@@ -128,7 +128,7 @@ def clone_optimizer(optimizer: Optimizer, param_map: dict[int, Tensor]) -> Optim
     try:
         clone = type(optimizer)(groups, **optimizer.defaults)
     except TypeError:
-        clone = type(optimizer)(groups)
+        clone = type(optimizer)(groups)  # type: ignore[call-arg]  # an optimizer whose defaults are not its kwargs
     clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     return clone
 
@@ -260,7 +260,7 @@ def make_shadow_module(module: LightningModule) -> LightningModule:
     _uncompiled(shadow)
     if trainer is not None:
         real = trainer._real if isinstance(trainer, _ShadowTrainerView) else trainer
-        shadow._trainer = _ShadowTrainerView(real, shadow)
+        shadow._trainer = _ShadowTrainerView(real, shadow)  # type: ignore[assignment]  # stands in for the Trainer
     shadow.log = _no_log  # type: ignore[method-assign]
     shadow.log_dict = _no_log  # type: ignore[method-assign]
     return shadow
@@ -366,7 +366,7 @@ class ShadowEnsemble:
               grad_scaler: Optional["torch.amp.GradScaler"], state: Optional[dict[str, Any]]) -> None:
         """Give a new member its own optimizer (a clone of the real one, or ``state``), scaler and hooks' view."""
         shadow_named = dict(shadow.named_parameters())
-        param_map = {id(p): shadow_named[n] for n, p in module.named_parameters()}
+        param_map: dict[int, Tensor] = {id(p): shadow_named[n] for n, p in module.named_parameters()}
         shadow_optimizer = clone_optimizer(optimizer, param_map)
         scaler = copy.deepcopy(grad_scaler) if grad_scaler is not None else None
         if state is not None:
@@ -538,7 +538,10 @@ class ShadowEnsemble:
     def _alive(self, alive: Optional[list[bool]], k: int) -> bool:
         return alive is None or k >= len(alive) or alive[k]
 
-    def _run_batch_sequential(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
+    def _run_batch_sequential(
+        self, batch: Any, context: BatchContext, rng_state: RngState, device: torch.device,
+        alive: Optional[list[bool]],
+    ) -> Optional[Tensor]:
         distances: list[Tensor] = []
         after = self._changes_since_the_batch_began()
         with _preserved_rng(device, rng_state) as replay:
@@ -579,7 +582,11 @@ class ShadowEnsemble:
         else:
             self.last_twin_drift = self.twin_drift()
 
-    def _run_batch_stacked(self, batch, context, rng_state, device, alive) -> Optional[Tensor]:
+    def _run_batch_stacked(
+        self, batch: Any, context: BatchContext, rng_state: RngState, device: torch.device,
+        alive: Optional[list[bool]],
+    ) -> Optional[Tensor]:
+        assert self.stacked is not None  # typing: called while vectorized
         with replayed_rng(rng_state, device), _stepping(self.members[0], context.global_step):
             # under randomness="same" each member draws the real masks
             losses, grads = self.stacked.forward_backward(
@@ -595,11 +602,11 @@ class ShadowEnsemble:
         losses = losses / context.accumulate_grad_batches
         distances: list[Tensor] = []
         changes = self._changes_since_the_batch_began()
-        with _preserved_rng(device, after) if hooks else nullcontext() as replay:
+        with _preserved_rng(device, after) if hooks else nullcontext() as replay:  # type: ignore[arg-type]
             for k, member in enumerate(self.members):
                 live = self._alive(alive, k)
                 if live and hooks:
-                    _set_rng_state(replay, device)
+                    _set_rng_state(replay, device)  # type: ignore[arg-type]  # the state captured after the batch
                 if live:
                     facade = self.facades[k]
                     facade.context = context
@@ -607,9 +614,12 @@ class ShadowEnsemble:
                         if "on_after_backward" in hooks:
                             member.on_after_backward()
                         if context.optimizer_steps and "optimizer_step" in hooks:
-                            member.optimizer_step(context.epoch, context.batch_idx, facade, lambda k=k: losses[k])
+                            # the facade stands in for the Optimizer
+                            member.optimizer_step(
+                                context.epoch, context.batch_idx, facade, lambda k=k: losses[k]  # type: ignore[arg-type, misc]
+                            )
                         elif context.optimizer_steps:
-                            facade.step(closure=lambda k=k: losses[k])
+                            facade.step(closure=lambda k=k: losses[k])  # type: ignore[misc]
                 self._measure(k, distances, context)
                 self._give(k, changes)
                 if live and "on_train_batch_end" in hooks:
@@ -680,17 +690,17 @@ class ShadowEnsemble:
             Each shadow's detached training loss (None for a retired shadow or a skipped step), on the device.
         """
         zero_grad = batch_idx % accumulate_grad_batches == 0
-        if self.vectorized:
+        if self.stacked is not None:  # self.vectorized
             try:
                 with replayed_rng(rng_state, device):  # under randomness="same" each shadow draws the real masks
-                    losses, grads = self.stacked.forward_backward(
+                    stacked_losses, grads = self.stacked.forward_backward(
                         batch, batch_idx, step_context, accumulate_grad_batches, self._loss_scales(device)
                     )
             except NotVectorizable as error:
                 self._stop_vectorizing(f"a vectorised step failed ({error})")
             else:
                 self.take_gradients(grads, range(len(self.shadows)), zero_grad, alive)
-                return [loss if alive is None or alive[k] else None for k, loss in enumerate(losses.unbind())]
+                return [loss if alive is None or alive[k] else None for k, loss in enumerate(stacked_losses.unbind())]
         losses: list[Optional[Tensor]] = []
         with _preserved_rng(device, rng_state) as replay:
             for k, shadow in enumerate(self.shadows):
@@ -719,7 +729,7 @@ class ShadowEnsemble:
         if all(scaler is None for scaler in self.member_scalers):
             return None
         one = torch.ones((), device=device)
-        return torch.stack([scaler.scale(one) for scaler in self.member_scalers])
+        return torch.stack([scaler.scale(one) for scaler in self.member_scalers])  # type: ignore[union-attr]
 
     def take_gradients(
         self, grads: Sequence[Optional[Tensor]], rows: Sequence[int], zero_grad: bool, alive: Optional[list[bool]] = None
@@ -851,9 +861,9 @@ class ShadowEnsemble:
         scales = torch.where(torch.isfinite(distances) & (distances > 0), target / distances, torch.ones_like(distances))
         for k, params in enumerate(self.shadow_params):
             scale = scales[k]
-            diff = torch._foreach_sub(params, self.real_params)
+            diff = torch._foreach_sub(params, self.real_params)  # type: ignore[arg-type]
             torch._foreach_mul_(diff, scale)
-            torch._foreach_add_(diff, self.real_params)
+            torch._foreach_add_(diff, self.real_params)  # type: ignore[arg-type]
             torch._foreach_copy_(params, diff)
             self._scale_optimizer_state(self.optimizers[k], params, scale)
 

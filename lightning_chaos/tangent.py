@@ -303,7 +303,7 @@ class TangentProbe(Callback):
         # after every callback's on_fit_start: a ChaosProbe's layout is written by then, and one layout per writer
         from lightning_chaos.probe import ChaosProbe
 
-        with_chaos = any(isinstance(c, ChaosProbe) for c in trainer.callbacks)
+        with_chaos = any(isinstance(c, ChaosProbe) for c in trainer.callbacks)  # type: ignore[attr-defined]
         chaos_logging.write_tangent_layout(trainer, with_chaos_layout=with_chaos)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -484,6 +484,7 @@ class TangentProbe(Callback):
             shadow.training = real.training
         trainable = {id(p) for p in self._params}
         fixed = {"module." + n: p.detach() for n, p in pl_module.named_parameters() if id(p) not in trainable}
+        assert self._step_module is not None  # built at attach
         shadow_buffers = {n for n, b in self._step_module.module.named_buffers() if b is not None}
         # copies: a training_step that updates a buffer in place must not write into the real one
         fixed.update({"module." + n: b.detach().clone() for n, b in pl_module.named_buffers() if n in shadow_buffers})
@@ -509,6 +510,7 @@ class TangentProbe(Callback):
         gradients, hvp = self._differentiate(trainer, pl_module)
         n = len(self._params)
         self._check_replay(gradients)
+        assert self._tangents is not None  # attached above
         self._tangents = self._step_tangents(optimizer, pairs, hvp(tuple(self._tangents[:n])))
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
@@ -516,7 +518,8 @@ class TangentProbe(Callback):
         self._history.append(self.lyapunov_spectrum)
         if self.measure_sharpness and (self._steps - 1) % self.sharpness_every == 0:
             self._measure_sharpness(trainer, optimizer, pairs, hvp)
-        if self._steps % (self.log_every_n_steps or trainer.log_every_n_steps or 1) == 0:
+        interval = self.log_every_n_steps or trainer.log_every_n_steps or 1  # type: ignore[attr-defined]
+        if self._steps % interval == 0:
             self._log(trainer, trainer.global_step + 1)
 
     def _differentiate(
@@ -531,6 +534,7 @@ class TangentProbe(Callback):
         """
         loss_of = self._loss_function(pl_module)
         leaves = tuple(p.detach().requires_grad_() for p in self._params)
+        assert self._rng_state is not None  # captured at this batch's start
         with replayed_rng(self._rng_state, self._params[0].device), trainer.precision_plugin.train_step_context(), \
                 torch.enable_grad():
             gradients = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True, materialize_grads=True)
@@ -573,6 +577,7 @@ class TangentProbe(Callback):
         """The optimizer's linearised update on every block of the tangents (``hvps``: H u_θ per parameter)."""
         n = len(pairs)
         tangents = self._tangents
+        assert tangents is not None
         out: list[Optional[Tensor]] = [None] * len(tangents)
         for i, ((p, group), hv) in enumerate(zip(pairs, hvps)):
             if p.grad is None:  # torch skips the parameter: its block of the map is the identity
@@ -608,6 +613,7 @@ class TangentProbe(Callback):
 
     def _orthonormalize(self) -> None:
         blocks = self._tangents
+        assert blocks is not None
         k = self.num_exponents
         flat = torch.cat([t.reshape(k, -1) for t in blocks], dim=1)
         q, log_r = qr_renormalize(flat.T)

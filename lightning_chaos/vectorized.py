@@ -176,7 +176,7 @@ class _TrainingStep(nn.Module):
     def forward(self, batch: Any, batch_idx: int) -> Any:
         taken = self._watch.take()
         try:
-            output = self.module.training_step(batch, batch_idx)
+            output = self.module.training_step(batch, batch_idx)  # type: ignore[operator]  # a LightningModule
         except BaseException:
             _restore(self.module, self._watch.expand(taken))  # no batched tensor may stay for the one-at-a-time redo
             raise
@@ -466,7 +466,8 @@ class StackedOptimizer:
                 raise NotVectorizable("the rows' optimizers differ in class or param groups")
             names = {id(p): n for n, p in module.named_parameters()}
             for group, template, positions in zip(optimizer.param_groups, first.param_groups, self._groups):
-                if [index_of.get(names.get(id(p)), -1) for p in group["params"] if p.requires_grad] != positions:
+                if [index_of.get(names.get(id(p)), -1)  # type: ignore[arg-type]  # None: not found, as -1
+                        for p in group["params"] if p.requires_grad] != positions:
                     raise NotVectorizable("the rows' optimizers hold their parameters in another order")
                 if not _same_hyperparameters(group, template):
                     raise NotVectorizable("the rows' optimizers differ in a hyperparameter besides the learning rate")
@@ -492,10 +493,10 @@ class StackedOptimizer:
             if not all(row_states):
                 continue
             merged = {}
-            for key, value in row_states[0].items():
+            for key, value in row_states[0].items():  # type: ignore[union-attr]  # all(row_states) above
                 per_row = isinstance(value, Tensor) and value.shape == self._row_params[0][i].shape
                 if per_row and key not in _SHARED_STATE:
-                    merged[key] = torch.stack([state[key] for state in row_states])
+                    merged[key] = torch.stack([state[key] for state in row_states])  # type: ignore[index]
                 else:
                     merged[key] = value.clone() if isinstance(value, Tensor) else value
             self.optimizer.state[stacked_param] = merged
@@ -529,8 +530,8 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Every row's optimizer step, at its own learning rate."""
-        stepped = [(self.stacked_params[i], weight) for i, weight in self._weights]
-        stepped = [(parameter, weight, parameter.clone()) for parameter, weight in stepped if parameter.grad is not None]
+        rows = [(self.stacked_params[i], weight) for i, weight in self._weights]
+        stepped = [(parameter, weight, parameter.clone()) for parameter, weight in rows if parameter.grad is not None]
         self.optimizer.step()
         for parameter, weight, before in stepped:
             parameter.copy_(before.lerp_(parameter, weight))
@@ -556,7 +557,9 @@ class StackedOptimizer:
         self.release_gradients()
 
 
-def build_like(optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]], **overrides: Any):
+def build_like(
+    optimizer: torch.optim.Optimizer, param_groups: list[dict[str, Any]], **overrides: Any
+) -> torch.optim.Optimizer:
     """A new optimizer of ``optimizer``'s class over ``param_groups``, with its defaults: some constructors read an
     argument rather than the group (Adagrad's ``initial_accumulator_value`` for the accumulators it makes)."""
     accepted = inspect.signature(type(optimizer)).parameters

@@ -287,7 +287,10 @@ def sgd_tangent_step(
         v_d = v_d + weight_decay * v_param
     if not momentum:
         return v_param - lr * v_d, None
-    v_b = v_d if first_step else momentum * v_buffer + (1.0 - dampening) * v_d
+    if first_step or v_buffer is None:
+        v_b = v_d
+    else:
+        v_b = momentum * v_buffer + (1.0 - dampening) * v_d
     step = v_d + momentum * v_b if nesterov else v_b
     return v_param - lr * step, v_b
 

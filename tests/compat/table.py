@@ -1,11 +1,11 @@
-"""The README's "Supported setups" table, generated from the compatibility suite's cases.
+"""The "Supported setups" table of the documentation, generated from the compatibility suite's cases.
 
     python tests/compat/table.py           # print the table
-    python tests/compat/table.py --write   # put it into README.md, between the setups markers
+    python tests/compat/table.py --write   # put it into docs/guides/supported-setups.md, between the setups markers
 
 Every row is a :class:`~harness.Case` of a test module here (in a list such as ``CASES`` or a module-level constant),
 with its ``setup``, ``status`` and ``note``; a module with cases names its family in ``FAMILY``, which heads its rows.
-``test_readme_table.py`` fails while README.md's table differs from this one.
+``test_readme_table.py`` fails while the page's table differs from this one.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parents[1] / "README.md"
+PAGE = HERE.parents[1] / "docs" / "guides" / "supported-setups.md"
 START, END = "<!-- setups:start -->", "<!-- setups:end -->"
 WRITE = "python tests/compat/table.py --write"
 # The families' order in the table; a test module not listed here follows, by file name.
@@ -93,10 +93,10 @@ def render() -> str:
 
 
 def between_markers(text: str) -> str:
-    """The text between the setups markers of README.md's ``text``."""
+    """The text between the setups markers of the page's ``text``."""
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"README.md needs the markers {START} and then {END}")
+        raise ValueError(f"{PAGE.name} needs the markers {START} and then {END}")
     return text[start + len(START):end]
 
 
@@ -106,32 +106,32 @@ def section(table: str) -> str:
 
 
 def with_table(text: str, table: str) -> str:
-    """README.md's ``text`` with ``table`` between the markers, and nothing else changed."""
+    """The page's ``text`` with ``table`` between the markers, and nothing else changed."""
     between_markers(text)  # the markers are there, in order
     start = text.index(START) + len(START)
     return text[:start] + section(table) + text[text.index(END):]
 
 
 def difference(text: str, table: str) -> str:
-    """A unified diff from README.md's table (``text``) to ``table``; empty when they agree."""
+    """A unified diff from the page's table (``text``) to ``table``; empty when they agree."""
     return "\n".join(difflib.unified_diff(between_markers(text).splitlines(), section(table).splitlines(),
-                                          "README.md", "generated", lineterm=""))
+                                          PAGE.name, "generated", lineterm=""))
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="replace the table between the README's markers")
+    parser.add_argument("--write", action="store_true", help="replace the table between the page's markers")
     table = render()
     if not parser.parse_args(argv).write:
         print(table)
         return 0
-    text = README.read_text(encoding="utf-8")
+    text = PAGE.read_text(encoding="utf-8")
     updated = with_table(text, table)
     if updated == text:
-        print(f"{README}: the table is current")
+        print(f"{PAGE}: the table is current")
     else:
-        README.write_text(updated, encoding="utf-8")
-        print(f"{README}: wrote the table ({len(all_cases())} cases)")
+        PAGE.write_text(updated, encoding="utf-8")
+        print(f"{PAGE}: wrote the table ({len(all_cases())} cases)")
     return 0
 
 
