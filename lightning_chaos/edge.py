@@ -124,17 +124,23 @@ class EdgeOfChaosMonitor(Callback):
             a square ``nn.Linear`` of the model; at the first batch for a map in ``maps`` that is not square (the
             message names it).
 
-    Example::
+    Example:
+        >>> from lightning.pytorch import Trainer, seed_everything
+        >>> from lightning_chaos import EdgeOfChaosMonitor
+        >>> from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+        >>> _ = seed_everything(0, verbose=False)
+        >>> monitor = EdgeOfChaosMonitor(num_inputs=16, steps=100, transient=20)  # lighter than the papers' 100/500
+        >>> trainer = Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(MLPClassifier(hidden=(64, 64)), datamodule=DigitsDataModule())  # 64-64-64-10, tanh
+        >>> sorted(monitor.history)  # the square Linear layers followed by their tanh
+        ['net.0', 'net.2']
+        >>> monitor.history["net.2"]["epoch"]  # fit start, then after each epoch
+        [0.0, 1.0, 2.0]
+        >>> monitor.history["net.2"]["edge_distance"][-1] < 0  # ln(J/J_c) < 0: ordered; > 0 chaotic
+        True
 
-        from lightning.pytorch import Trainer
-        from lightning_chaos import EdgeOfChaosMonitor
-
-        monitor = EdgeOfChaosMonitor(every_n_epochs=5)
-        trainer = Trainer(max_epochs=50, callbacks=[monitor])
-        trainer.fit(model, datamodule=dm)
-        monitor.history["hidden"]["J"]              # J after 0, 5, 10, ... epochs
-        monitor.history["hidden"]["edge_distance"]  # ln(J/J_c): < 0 ordered, > 0 chaotic
-        monitor.plot()                              # the phase diagram with each layer's path
+        ``monitor.plot()`` draws the phase diagram with each layer's path.
     """
 
     def __init__(

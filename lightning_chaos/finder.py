@@ -281,15 +281,20 @@ class ChaosLRFinder(Callback):
         MisconfigurationException: before any training, for manual optimisation or several optimizers.
         AttributeError: before any training, when no learning-rate attribute is found (with ``update_attr``).
 
-    Example::
+    Example:
+        >>> from lightning.pytorch import Trainer, seed_everything
+        >>> from lightning_chaos import ChaosLRFinder
+        >>> from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+        >>> _ = seed_everything(0, verbose=False)
+        >>> finder = ChaosLRFinder(min_lr=1e-2, max_lr=10, num_lrs=4, steps_per_lr=20)  # a short sweep
+        >>> model = MLPClassifier()
+        >>> trainer = Trainer(max_epochs=1, callbacks=[finder], logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(model, datamodule=DigitsDataModule())  # sweeps on clones first, then trains at the suggestion
+        >>> model.lr == finder.result.suggestion
+        True
 
-        from lightning_chaos import ChaosLRFinder
-
-        finder = ChaosLRFinder(min_lr=1e-3, max_lr=10)
-        trainer = Trainer(max_epochs=10, callbacks=[finder])
-        trainer.fit(model, datamodule=dm)      # sweeps first, then trains at the suggestion
-        finder.result.suggestion
-        finder.result.plot().savefig("chaos_lr.png")
+        ``finder.result.plot()`` draws the sweep: Λ(η), ρ(η), both edges and the suggestion.
     """
 
     def __init__(
@@ -987,10 +992,18 @@ def find_chaos_lr(
     Returns:
         The :class:`ChaosLRFinderResult` (also ``result.plot()`` for the figure).
 
-    Example::
-
-        result = find_chaos_lr(Trainer(max_epochs=10), model, datamodule=dm, max_lr=5.0)
-        print(result.suggestion, model.lr)
+    Example:
+        >>> from lightning.pytorch import Trainer, seed_everything
+        >>> from lightning_chaos import find_chaos_lr
+        >>> from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+        >>> _ = seed_everything(0, verbose=False)
+        >>> model = MLPClassifier()
+        >>> trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> result = find_chaos_lr(trainer, model, datamodule=DigitsDataModule(), min_lr=1e-2, max_lr=10, num_lrs=4,
+        ...                        steps_per_lr=20)
+        >>> result.suggestion == model.lr  # set on the model, whose weights are left as they were
+        True
     """
     finder = ChaosLRFinder(**finder_kwargs)
     finder._early_exit = True

@@ -135,17 +135,23 @@ class ChaosProbe(Callback):
         ValueError: at construction, for an argument out of its range (the message names it).
         MisconfigurationException: at fit start, for manual optimisation, a sharded strategy or several processes.
 
-    Example::
+    Example:
+        >>> from lightning.pytorch import Trainer, seed_everything
+        >>> from lightning_chaos import ChaosProbe
+        >>> from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+        >>> _ = seed_everything(0, verbose=False)
+        >>> probe = ChaosProbe(num_shadows=2, monitor="val_acc", target=0.5)
+        >>> trainer = Trainer(max_epochs=2, callbacks=[probe], logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(MLPClassifier(lr=0.5), datamodule=DigitsDataModule())  # your model, unchanged
+        >>> probe.distances.shape  # d(t) at t = 0 ... 44 optimizer steps, for 2 shadows
+        torch.Size([45, 2])
+        >>> probe.trusted  # the sentinel's verdict: the unperturbed twin followed the real model
+        True
+        >>> sorted(probe.time_to_target)  # when val_acc first reached 0.5
+        ['epoch', 'seconds', 'step']
 
-        from lightning.pytorch import Trainer
-        from lightning_chaos import ChaosProbe
-
-        probe = ChaosProbe(num_shadows=2, monitor="val_acc", target=0.9)
-        trainer = Trainer(max_epochs=5, callbacks=[probe])
-        trainer.fit(model, datamodule=dm)
-        probe.distances           # [steps + 1, 2]
-        probe.lyapunov_exponent   # mean local exponent, per optimizer step
-        probe.time_to_target      # {"step": ..., "epoch": ..., "seconds": ...} or None
+        ``probe.lyapunov_exponent`` is the mean local exponent per optimizer step (> 0 chaotic, < 0 contracting).
     """
 
     def __init__(

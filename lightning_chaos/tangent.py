@@ -120,17 +120,21 @@ class TangentProbe(Callback):
         ValueError: at construction, for an argument out of its range (the message names it).
         MisconfigurationException: at setup, for manual optimisation or several processes (DDP is not supported yet).
 
-    Example::
-
-        from lightning.pytorch import Trainer
-        from lightning_chaos import TangentProbe
-
-        probe = TangentProbe(num_exponents=4, sharpness=True)
-        trainer = Trainer(max_epochs=5, callbacks=[probe])
-        trainer.fit(model, datamodule=dm)
-        probe.lyapunov_spectrum   # [4], per optimizer step, descending
-        probe.spectrum_history    # [steps, 4]
-        probe.sharpness           # the latest top Hessian eigenvalue; compare with probe.sharpness_threshold
+    Example:
+        >>> from lightning.pytorch import Trainer, seed_everything
+        >>> from lightning_chaos import TangentProbe
+        >>> from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+        >>> _ = seed_everything(0, verbose=False)
+        >>> probe = TangentProbe(num_exponents=2, sharpness=True)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[probe], logger=False, enable_progress_bar=False,
+        ...                   enable_checkpointing=False, enable_model_summary=False)
+        >>> trainer.fit(MLPClassifier(lr=0.5), datamodule=DigitsDataModule())  # SGD, 22 steps
+        >>> probe.spectrum_history.shape  # the running exponents after each step, per optimizer step
+        torch.Size([22, 2])
+        >>> bool(probe.lyapunov_spectrum[0] >= probe.lyapunov_spectrum[1])  # descending
+        True
+        >>> probe.sharpness < probe.sharpness_threshold  # below the edge of stability, 2/η = 4
+        True
     """
 
     def __init__(
