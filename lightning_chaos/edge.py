@@ -135,9 +135,10 @@ class EdgeOfChaosMonitor(Callback):
         >>> trainer.fit(MLPClassifier(hidden=(64, 64)), datamodule=DigitsDataModule())  # 64-64-64-10, tanh
         >>> sorted(monitor.history)  # the square Linear layers followed by their tanh
         ['net.0', 'net.2']
-        >>> monitor.history["net.2"]["epoch"]  # fit start, then after each epoch
+        >>> record = monitor.history["net.2"]  # quantity -> one value per record
+        >>> record["epoch"]  # fit start, then after each epoch
         [0.0, 1.0, 2.0]
-        >>> monitor.history["net.2"]["edge_distance"][-1] < 0  # ln(J/J_c) < 0: ordered; > 0 chaotic
+        >>> record["edge_distance"][-1] < 0  # ln(J/J_c) < 0: ordered; > 0 chaotic
         True
 
         ``monitor.plot()`` draws the phase diagram with each layer's path.
