@@ -238,7 +238,15 @@ class EdgeOfChaosMonitor(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._record_epoch and self._active and not self._need_capture:
             self._record_epoch = False
-            self._guarded(self._record, trainer, pl_module, trainer.current_epoch + 1)
+            self._guarded(self._record, trainer, pl_module, self._epochs_done(trainer))
+
+    @staticmethod
+    def _epochs_done(trainer: Trainer) -> float:
+        """Epochs done at an epoch's end: a whole number, or a fraction when ``max_steps`` ended the epoch early."""
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        total = trainer.num_training_batches
+        fraction = batches / total if 0 < total < math.inf else 1.0
+        return trainer.current_epoch + min(1.0, fraction)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()

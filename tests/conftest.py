@@ -10,6 +10,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: on a shared 2-core machine more threads only thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def quiet_trainer(**kwargs):
     """A Trainer without progress bar, checkpoints, model summary or sanity check: only what a test asks for."""
     defaults = dict(

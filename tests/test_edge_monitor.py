@@ -257,3 +257,10 @@ def test_a_fault_inside_a_record_leaves_training_alone():
     with pytest.warns(UserWarning, match="EdgeOfChaosMonitor: recording failed .*boom.* continues unaffected"):
         observed = snapshot(fit(Paper2(), [Faulty(**SMALL)], epochs=2))
     assert_identical(observed, plain)
+
+
+def test_an_epoch_cut_short_by_max_steps_is_labelled_by_its_fraction():
+    monitor = EdgeOfChaosMonitor(**SMALL)
+    fit(Paper2(), [monitor], epochs=3, max_steps=12)  # 8 steps per epoch: the second epoch ends after 4 of 8
+    assert monitor.history["hidden"]["epoch"] == [0.0, 1.0, 1.5]
+    assert monitor.history["hidden"]["step"] == [0.0, 8.0, 12.0]

@@ -21,13 +21,7 @@ import reproduce_iris  # noqa: E402
 import reproduce_mnist  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and more thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")

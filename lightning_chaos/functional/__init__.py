@@ -24,6 +24,10 @@ from lightning_chaos.functional.exponents import (
     saturation_cut,
     window_fit_before_saturation,
 )
+from lightning_chaos.functional.guideline import (
+    EdgeOfChaosGuideline,
+    edge_of_chaos_guideline,
+)
 from lightning_chaos.functional.tangent import (
     TopEigen,
     adam_preconditioner,
@@ -37,6 +41,7 @@ from lightning_chaos.functional.tangent import (
 )
 
 __all__ = [
+    "EdgeOfChaosGuideline",
     "OrderParameters",
     "TopEigen",
     "WindowFit",
@@ -48,6 +53,7 @@ __all__ = [
     "best_window_fit",
     "default_fit_windows",
     "edge_of_chaos_boundary",
+    "edge_of_chaos_guideline",
     "finite_time_exponent",
     "flat_norm",
     "gd_sharpness_threshold",
