@@ -9,13 +9,22 @@ step's forward and a backward that keeps its graph (about one training step), th
 tangents at once (``is_grads_batched``) — and holds one copy of the parameters and optimizer state per tangent, plus a
 QR of a [D, k] matrix per re-orthonormalisation (O(D k²)).
 
-Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60]``; writes benchmarks/results/tangent_cpu.json.
+Peak memory (``--memory``): each configuration trains in its own process and reports its peak resident set size
+(``ru_maxrss``); the probe's memory is that minus the plain run's.
+
+Models (``--model``): ``mlp``, the quickstart MLP; ``cnn``, ``lightning_chaos.demo.SmallCNN`` (two 3×3 convolutions,
+8 and 16 channels) on the same 8×8 digits.
+
+Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60] [--model cnn] [--memory]``; writes
+benchmarks/results/tangent_cpu.json (``tangent_<model>_cpu.json`` for another model, ``..._memory`` for memory).
 """
 
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -26,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_chaos import ChaosProbe
-from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier, SmallCNN
 from lightning_chaos.tangent import TangentProbe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tangent_cpu.json"
@@ -52,13 +61,17 @@ def configurations() -> dict:
     return configs
 
 
-def run_once(probes: list, steps: int) -> float:
+MODELS = {"mlp": (MLPClassifier, "MLPClassifier 64-128-10 tanh, SGD, batch 64, sklearn digits"),
+          "cnn": (SmallCNN, "SmallCNN conv(1→8)-conv(8→16)-linear, ReLU, SGD, batch 64, sklearn digits 8×8")}
+
+
+def run_once(probes: list, steps: int, model: str = "mlp") -> float:
     L.seed_everything(0, verbose=False)
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer, *probes])
-    trainer.fit(MLPClassifier(), DigitsDataModule(batch_size=64))
+    trainer.fit(MODELS[model][0](), DigitsDataModule(batch_size=64))
     deltas = [b - a for a, b in zip(timer.starts, timer.starts[1:])][WARMUP:]
     return statistics.median(deltas)
 
@@ -67,14 +80,36 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    parser.add_argument("--memory", action="store_true", help="peak memory per configuration, one process each")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print its peak RSS
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     configs = configurations()
+    if args.one:
+        run_once(configs[args.one](), args.steps, args.model)
+        print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return {}
+    suffix = "" if args.model == "mlp" else f"_{args.model}"
+    if args.memory:
+        peak = {}
+        for name in configs:
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--model",
+                                  args.model], capture_output=True, text=True, check=True).stdout
+            peak[name] = int(out.split("PEAK_RSS_KB")[-1].split()[0]) / 1024
+        extra = {name: peak[name] - peak["none"] for name in configs if name != "none"}
+        result = {"model": MODELS[args.model][1], "peak_rss_mb": peak, "probe_extra_mb": extra,
+                  "parameters": sum(p.numel() for p in MODELS[args.model][0]().parameters())}
+        (RESULTS.parent / f"tangent{suffix}_memory_cpu.json").write_text(json.dumps(result, indent=2))
+        print(f"{'configuration':<14} {'peak MB':>8} {'extra MB':>9}")
+        for name in configs:
+            print(f"{name:<14} {peak[name]:8.1f} {extra.get(name, 0.0):9.1f}")
+        return result
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, make in configs.items():
-            times[name].append(run_once(make(), args.steps))
+            times[name].append(run_once(make(), args.steps, args.model))
     median = {name: statistics.median(values) for name, values in times.items()}
     cost = {name: median[name] - median["none"] for name in configs if name != "none"}
     ratios = {
@@ -83,7 +118,7 @@ def main(argv=None) -> dict:
         "tangent_k4_over_tangent_k1": cost["tangent_k4"] / cost["tangent_k1"],
     }
     result = {
-        "model": "MLPClassifier 64-128-10 tanh, SGD, batch 64, sklearn digits",
+        "model": MODELS[args.model][1],
         "device": "cpu, 1 thread",
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -95,7 +130,7 @@ def main(argv=None) -> dict:
         "targets": {"tangent_k1_over_one_shadow": 1.5, "tangent_k16_over_tangent_k1": 4.0},
     }
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    RESULTS.with_name(f"tangent{suffix}_cpu.json").write_text(json.dumps(result, indent=2))
     print(f"{'configuration':<14} {'step ms':>8} {'cost ms':>8}")
     for name in configs:
         print(f"{name:<14} {1e3 * median[name]:8.2f} {1e3 * cost.get(name, 0.0):8.2f}")

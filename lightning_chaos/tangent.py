@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
@@ -23,7 +24,7 @@ from lightning_chaos.functional.tangent import (
     qr_renormalize,
     sgd_tangent_step,
 )
-from lightning_chaos.mirror import split_output
+from lightning_chaos.mirror import all_reduce_mean, split_output
 from lightning_chaos.shadow import RngState, capture_rng_state, make_shadow_module, replayed_rng
 
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -88,6 +89,9 @@ class TangentProbe(Callback):
     tangent exponent of I − ηH crosses 0. For Adam the preconditioned sharpness, the top eigenvalue of P⁻¹H with
     P Adam's preconditioner, is measured too, against its threshold (2 + 2β₁)/((1 − β₁)η) (Cohen et al. 2022).
 
+    Under DDP the Hessian-vector products (and the replayed gradient) are averaged across processes, as DDP averages
+    the gradients, so every rank holds the same tangents: those of one process on the whole batch.
+
     Observation does not perturb: the real weights, gradients, optimizer state, random streams and logged metrics are
     bit-identical with and without the probe. A check on every step compares the replayed loss's gradient with the
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
@@ -118,7 +122,7 @@ class TangentProbe(Callback):
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
-        MisconfigurationException: at setup, for manual optimisation or several processes (DDP is not supported yet).
+        MisconfigurationException: at setup, for manual optimisation or a multi-process strategy other than DDP.
 
     Example:
         >>> from lightning.pytorch import Trainer, seed_everything
@@ -283,11 +287,10 @@ class TangentProbe(Callback):
                 "TangentProbe supports automatic optimization only; this LightningModule sets"
                 " `automatic_optimization = False` (manual optimization)."
             )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise MisconfigurationException(
-                f"TangentProbe does not support multi-process training yet (found {type(trainer.strategy).__name__}"
-                f" with world_size={trainer.world_size}): the tangents would have to be reduced across processes like"
-                " the gradients. Probe a single-process run, or use ChaosProbe, which supports DDP."
+                f"TangentProbe supports multi-process training through DDP only; found {type(trainer.strategy).__name__}"
+                f" with world_size={trainer.world_size}."
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -544,6 +547,7 @@ class TangentProbe(Callback):
             gradients = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True, materialize_grads=True)
         # a gradient that does not depend on θ (a parameter entering linearly) adds nothing to H·u
         curved = [i for i, g in enumerate(gradients) if g.requires_grad]
+        world_size = trainer.world_size
 
         def hvp(vectors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             if not curved:
@@ -552,9 +556,15 @@ class TangentProbe(Callback):
             products = torch.autograd.grad([gradients[i] for i in curved], leaves,
                                            grad_outputs=[vectors[i][0] if single else vectors[i] for i in curved],
                                            retain_graph=True, is_grads_batched=not single, materialize_grads=True)
-            return tuple(product.detach().unsqueeze(0) if single else product.detach() for product in products)
+            products = [product.detach().unsqueeze(0) if single else product.detach() for product in products]
+            if world_size > 1:  # DDP averages the gradients, so the Hessian of the step is the ranks' mean too
+                all_reduce_mean(products, world_size)
+            return tuple(products)
 
-        return tuple(g.detach() for g in gradients), hvp
+        replayed = [g.detach().clone() for g in gradients]
+        if world_size > 1:
+            all_reduce_mean(replayed, world_size)
+        return tuple(replayed), hvp
 
     def _check_replay(self, gradients: tuple[Tensor, ...]) -> None:
         """The replayed gradient against the real ``.grad``: a cheap proof that the replay saw the real step."""

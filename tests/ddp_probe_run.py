@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import DropoutMLP, random_classification  # noqa: E402
 
-from lightning_chaos import ChaosProbe, find_chaos_lr  # noqa: E402
+from lightning_chaos import ChaosProbe, TangentProbe, find_chaos_lr  # noqa: E402
 
 
 class HalvesDataModule(L.LightningDataModule):
@@ -68,5 +68,20 @@ def finder(out: Path, num_processes: int) -> None:
     torch.save({"suggestion": result.suggestion, "lr": model.lr}, out / f"finder_rank{trainer.global_rank}.pt")
 
 
+def tangent(out: Path, num_processes: int) -> None:
+    """TangentProbe under DDP (halves of each batch per rank) against one process on whole batches."""
+    L.seed_everything(17, verbose=False)
+    model = DropoutMLP(dropout=0.0, scheduler="step")
+    probe = TangentProbe(num_exponents=3, sharpness=True, sharpness_every=4)
+    trainer = L.Trainer(accelerator="cpu", devices=num_processes, strategy="ddp" if num_processes > 1 else "auto",
+                        max_epochs=3, callbacks=[probe], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        precision="64-true")
+    trainer.fit(model, datamodule=HalvesDataModule(num_processes))
+    torch.save({"spectrum": probe.spectrum_history, "sharpness": probe.sharpness_history, "trusted": probe.trusted},
+               out / f"tangent{num_processes}_rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
-    (finder if sys.argv[3:] == ["finder"] else main)(Path(sys.argv[1]), int(sys.argv[2]))
+    modes = {"finder": finder, "tangent": tangent}
+    modes.get(sys.argv[3] if sys.argv[3:] else "", main)(Path(sys.argv[1]), int(sys.argv[2]))

@@ -43,3 +43,18 @@ def test_ddp_finder_gives_every_rank_the_same_suggestion(tmp_path):
     assert rank0["suggestion"] is not None
     assert rank0 == rank1
     assert rank0["lr"] == rank0["suggestion"]
+
+
+def test_ddp_tangents_are_reduced_like_the_gradients(tmp_path):
+    """Each rank's Hessian-vector products are averaged as DDP averages the gradients: the spectrum and the sharpness
+    equal one process's on whole batches, and every rank holds the same."""
+    run(tmp_path, 1, "tangent")
+    run(tmp_path, 2, "tangent")
+    single = torch.load(tmp_path / "tangent1_rank0.pt")
+    rank0 = torch.load(tmp_path / "tangent2_rank0.pt")
+    rank1 = torch.load(tmp_path / "tangent2_rank1.pt")
+    assert single["trusted"] and rank0["trusted"] and rank1["trusted"]  # the replayed gradients matched the real ones
+    assert torch.equal(rank0["spectrum"], rank1["spectrum"]) and torch.equal(rank0["sharpness"], rank1["sharpness"])
+    assert rank0["spectrum"].shape == single["spectrum"].shape == (8, 3)  # 9 steps; momentum: from the second
+    torch.testing.assert_close(rank0["spectrum"], single["spectrum"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(rank0["sharpness"], single["sharpness"], rtol=1e-7, atol=0)
