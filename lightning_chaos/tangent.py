@@ -556,10 +556,10 @@ class TangentProbe(Callback):
             products = torch.autograd.grad([gradients[i] for i in curved], leaves,
                                            grad_outputs=[vectors[i][0] if single else vectors[i] for i in curved],
                                            retain_graph=True, is_grads_batched=not single, materialize_grads=True)
-            products = [product.detach().unsqueeze(0) if single else product.detach() for product in products]
+            reduced = [product.detach().unsqueeze(0) if single else product.detach() for product in products]
             if world_size > 1:  # DDP averages the gradients, so the Hessian of the step is the ranks' mean too
-                all_reduce_mean(products, world_size)
-            return tuple(products)
+                all_reduce_mean(reduced, world_size)
+            return tuple(reduced)
 
         replayed = [g.detach().clone() for g in gradients]
         if world_size > 1:
