@@ -5,8 +5,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call, replace_all_batch_norm_modules_
@@ -18,14 +18,20 @@ from lightning_chaos.functional.tangent import (
     adam_preconditioner,
     adam_sharpness_threshold,
     adam_tangent_step,
+    clip_tangent,
     gd_sharpness_threshold,
     hessian_top_eigenvalue,
     kaplan_yorke_dimension,
     qr_renormalize,
     sgd_tangent_step,
 )
-from lightning_chaos.mirror import all_reduce_mean, split_output
-from lightning_chaos.shadow import RngState, capture_rng_state, make_shadow_module, replayed_rng
+from lightning_chaos.mirror import all_reduce_mean, overridden_hooks, split_output
+from lightning_chaos.shadow import (
+    RngState,
+    capture_rng_state,
+    make_shadow_module,
+    replayed_rng,
+)
 
 _SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _SUPPORTED_PRECISIONS = ("32-true", "64-true", "32", "64")
@@ -117,8 +123,9 @@ class TangentProbe(Callback):
 
     Refused (a warning, and the probe disables itself, leaving the training untouched): optimizers other than
     ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (subclasses included, as their step may differ), ``amsgrad``, several
-    optimizers, gradient accumulation, gradient clipping and precisions other than 32/64-bit true, whose step this
-    probe does not linearise.
+    optimizers, gradient accumulation, an overridden ``configure_gradient_clipping`` and precisions other than
+    32/64-bit true, whose step this probe does not linearise. The Trainer's own clipping (``gradient_clip_val``, by
+    norm or by value) is linearised (:func:`~lightning_chaos.functional.tangent.clip_tangent`).
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -405,8 +412,8 @@ class TangentProbe(Callback):
             return f"{type(optimizer).__name__}(amsgrad=True) is not supported"
         if trainer.accumulate_grad_batches != 1:
             return f"gradient accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported"
-        if trainer.gradient_clip_val:
-            return f"gradient clipping (gradient_clip_val={trainer.gradient_clip_val}) is not supported"
+        if trainer.gradient_clip_val and "configure_gradient_clipping" in overridden_hooks(trainer.lightning_module):
+            return "an overridden configure_gradient_clipping is not supported (its clipping is not linearised)"
         if str(trainer.precision) not in _SUPPORTED_PRECISIONS:
             return f"precision={trainer.precision!r} is not supported (32-true and 64-true are)"
         return None
@@ -518,13 +525,18 @@ class TangentProbe(Callback):
         n = len(self._params)
         self._check_replay(gradients)
         assert self._tangents is not None  # attached above
-        self._tangents = self._step_tangents(optimizer, pairs, hvp(tuple(self._tangents[:n])))
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        products = list(hvp(tuple(self._tangents[:n])))
+        if trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
+            algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
+            grads, products = clip_tangent(grads, products, float(trainer.gradient_clip_val), str(algorithm))
+        self._tangents = self._step_tangents(optimizer, pairs, tuple(products), grads)
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
             self._orthonormalize()
         self._history.append(self.lyapunov_spectrum)
         if self.measure_sharpness and (self._steps - 1) % self.sharpness_every == 0:
-            self._measure_sharpness(trainer, optimizer, pairs, hvp)
+            self._measure_sharpness(trainer, optimizer, pairs, hvp, grads)
         interval = self.log_every_n_steps or trainer.log_every_n_steps or 1  # type: ignore[attr-defined]
         if self._steps % interval == 0:
             self._log(trainer, trainer.global_step + 1)
@@ -587,8 +599,9 @@ class TangentProbe(Callback):
             )
 
     def _step_tangents(self, optimizer: Optimizer, pairs: list[tuple[Tensor, dict[str, Any]]],
-                       hvps: tuple[Tensor, ...]) -> list[Tensor]:
-        """The optimizer's linearised update on every block of the tangents (``hvps``: H u_θ per parameter)."""
+                       hvps: tuple[Tensor, ...], grads: list[Tensor]) -> list[Tensor]:
+        """The optimizer's linearised update on every block of the tangents (``hvps``: the derivative of the
+        gradient the optimizer steps with, H u_θ or its clipped form; ``grads``: that gradient)."""
         n = len(pairs)
         tangents = self._tangents
         assert tangents is not None
@@ -617,7 +630,7 @@ class TangentProbe(Callback):
                 exp_avg_sq = state["exp_avg_sq"] if "exp_avg_sq" in state else torch.zeros_like(p)
                 step = float(state["step"]) if "step" in state else 0.0
                 out[i], out[n + i], out[2 * n + i] = adam_tangent_step(
-                    tangents[i], hv, tangents[n + i], tangents[2 * n + i], p.detach(), p.grad, exp_avg, exp_avg_sq,
+                    tangents[i], hv, tangents[n + i], tangents[2 * n + i], p.detach(), grads[i], exp_avg, exp_avg_sq,
                     step, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]),
                     decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
@@ -636,7 +649,7 @@ class TangentProbe(Callback):
         self._tangents = self._split(q.T.contiguous(), [t[0] for t in blocks])
 
     def _measure_sharpness(self, trainer: Trainer, optimizer: Optimizer, pairs: list[tuple[Tensor, dict[str, Any]]],
-                           step_hvp: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]) -> None:
+                           step_hvp: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]], grads: list[Tensor]) -> None:
         device = self._params[0].device
         dtype = self._params[0].dtype
         shapes = [p.shape for p in self._params]
@@ -666,10 +679,9 @@ class TangentProbe(Callback):
         self._thresholds.append(math.nan)
         # P^{-1/2} H P^{-1/2} has the eigenvalues of P^{-1} H and is symmetric
         inverse_root = []
-        for p, param_group in pairs:
+        for (p, param_group), g in zip(pairs, grads):  # the gradient Adam steps with: clipped, when clipping
             beta1, beta2 = (float(b) for b in param_group["betas"])
             state = optimizer.state.get(p, {})
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
             if param_group["maximize"]:
                 g = -g
             if param_group["weight_decay"] and not param_group.get("decoupled_weight_decay", False):

@@ -240,3 +240,43 @@ def test_adam_threshold_and_preconditioner():
     p = adam_preconditioner(torch.tensor([4.0]), 1, beta1=0.9, beta2=0.999, eps=0.0)
     # after the first step v' = 0.001 g², m' = 0.1 g and the update η m'/P is η·sign(g): P = 0.1·|g| = 0.1·√(v'/0.001)
     torch.testing.assert_close(p, torch.tensor([0.1 * (4.0 / 0.001) ** 0.5]))
+
+
+@pytest.mark.parametrize("algorithm, clip_val", [("norm", 0.5), ("value", 0.3), ("norm", 50.0)])
+def test_clip_tangent_is_the_derivative_of_torchs_clipping(algorithm, clip_val):
+    """Against central differences of torch's own clip_grad_norm_ / clip_grad_value_ in float64."""
+    from lightning_chaos.functional import clip_tangent
+
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    products = [torch.randn(2, 4, 3, generator=g, dtype=torch.float64),
+                torch.randn(2, 5, generator=g, dtype=torch.float64)]
+
+    def torch_clip(gs):
+        params = [torch.nn.Parameter(torch.zeros_like(x)) for x in gs]
+        for p, x in zip(params, gs):
+            p.grad = x.clone()
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+        return [p.grad for p in params]
+
+    clipped, tangents = clip_tangent(grads, products, clip_val, algorithm)
+    for a, b in zip(clipped, torch_clip(grads)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    h = 1e-6
+    for k in range(2):
+        plus = torch_clip([x + h * d[k] for x, d in zip(grads, products)])
+        minus = torch_clip([x - h * d[k] for x, d in zip(grads, products)])
+        for t, p, m in zip(tangents, plus, minus):
+            torch.testing.assert_close(t[k], (p - m) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
+def test_clip_tangent_refuses_bad_input():
+    from lightning_chaos.functional import clip_tangent
+
+    with pytest.raises(ValueError, match="`clip_val` must be positive"):
+        clip_tangent([torch.ones(2)], [torch.ones(1, 2)], 0.0)
+    with pytest.raises(ValueError, match="`algorithm` must be 'norm' or 'value'"):
+        clip_tangent([torch.ones(2)], [torch.ones(1, 2)], 1.0, "l1")

@@ -1,6 +1,7 @@
 """TangentProbe against exact answers (GD and heavy ball on a quadratic, the logistic map), against ChaosProbe on a
 real MLP, and the callback's contract: observation never perturbs, refusals, bad input, checkpoints, logging."""
 
+import copy
 import math
 
 import lightning as L
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_chaos import ChaosProbe
 from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+from lightning_chaos.functional.tangent import qr_renormalize
 from lightning_chaos.tangent import TangentProbe
 
 torch.set_num_threads(1)
@@ -206,16 +208,50 @@ def test_an_unsupported_optimizer_warns_and_leaves_training_untouched():
     assert probe.spectrum_history.shape == (0, 1) and math.isnan(probe.lyapunov_spectrum.item())
 
 
-@pytest.mark.parametrize("trainer_kwargs, match", [
-    (dict(accumulate_grad_batches=2), "gradient accumulation"),
-    (dict(gradient_clip_val=1.0), "gradient clipping"),
+class OwnClipping(DropoutMLP):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.current_epoch > 0:  # the docstring's example: clip from the second epoch on
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                                gradient_clip_algorithm=gradient_clip_algorithm)
+
+
+@pytest.mark.parametrize("model, trainer_kwargs, match", [
+    (DropoutMLP, dict(accumulate_grad_batches=2), "gradient accumulation"),
+    (OwnClipping, dict(gradient_clip_val=1.0), "overridden configure_gradient_clipping"),
 ])
-def test_accumulation_and_clipping_are_refused(trainer_kwargs, match):
+def test_accumulation_and_own_clipping_are_refused(model, trainer_kwargs, match):
     probe = TangentProbe()
     with pytest.warns(UserWarning, match=match):
         quiet_trainer(max_steps=2, callbacks=[probe], **trainer_kwargs).fit(
-            DropoutMLP(), DataLoader(random_classification(), batch_size=16))
+            model(), DataLoader(random_classification(), batch_size=16))
     assert probe.spectrum_history.shape[0] == 0
+
+
+@pytest.mark.parametrize("algorithm, clip", [("norm", 0.05), ("value", 0.002), (None, 0.0)])
+def test_a_clipped_step_is_linearised_exactly(algorithm, clip):
+    """Lightning's clipping (by norm or by value, active here) goes into the tangent map: the first tangent growth
+    ln‖J u₀‖ equals central finite differences of the real clipped training step along u₀, fitted by Lightning
+    from θ₀ ± h u₀ (float64, full batch)."""
+    torch.manual_seed(0)
+    base = MLPClassifier(hidden=(32,), lr=2.0).double()
+    size = sum(p.numel() for p in base.parameters())
+    u0, _ = qr_renormalize(torch.randn(size, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+
+    def step_from(offset):
+        model = copy.deepcopy(base)
+        torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(model.parameters()) + offset,
+                                            model.parameters())
+        probe = TangentProbe()
+        clipping = dict(gradient_clip_val=clip, gradient_clip_algorithm=algorithm) if algorithm else {}
+        quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe], **clipping).fit(
+            model, DigitsDataModule(batch_size=None, dtype=torch.float64))
+        return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), probe
+
+    _, probe = step_from(torch.zeros(size, dtype=torch.float64))  # the probe's u₀ is this seeded QR's first column
+    h = 1e-7
+    difference = (step_from(h * u0[:, 0])[0] - step_from(-h * u0[:, 0])[0]) / (2 * h)
+    assert probe.trusted and probe.spectrum_history.shape == (1, 1)
+    assert probe.spectrum_history[0, 0].item() == pytest.approx(difference.norm().log().item(), abs=1e-8)
 
 
 class ManualModel(DropoutMLP):

@@ -242,6 +242,66 @@ def adam_sharpness_threshold(lr: float, beta1: float) -> float:
 # -- the optimizer linearisations --------------------------------------------------------------------------------
 
 
+def clip_tangent(
+    grads: list[Tensor], products: list[Tensor], clip_val: float, algorithm: str = "norm", eps: float = 1e-6
+) -> tuple[list[Tensor], list[Tensor]]:
+    r"""Gradient clipping and its linearisation: the clipped gradient and the clipped tangent products.
+
+    As Lightning clips (``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` over the optimizer's parameters):
+
+    * by norm, n = ‖g‖ over all parameters, c = clip_val / (n + eps): when c < 1, g_c = c g and
+
+      .. math::  \delta g_c = c\,\delta g - \text{clip\_val}\; g\, \frac{g \cdot \delta g}{n (n + \text{eps})^2},
+
+      otherwise g_c = g and δg_c = δg (torch multiplies by min(c, 1));
+    * by value, g_c = clamp(g, −clip_val, clip_val), δg_c = δg where |g| ≤ clip_val and 0 elsewhere.
+
+    Failure modes: at n = clip_val − eps exactly (by norm) or |g_i| = clip_val (by value) the map has a kink and the
+    one-sided derivative is taken; such ties have measure zero.
+
+    Args:
+        grads: the unclipped gradient, one tensor per parameter.
+        products: δg = H u per parameter, each [k, *shape] for k tangents.
+        clip_val: the clipping value (> 0).
+        algorithm: ``"norm"`` or ``"value"``.
+        eps: torch's 1e-6 in the norm's denominator.
+
+    Returns:
+        ``(clipped_grads, clipped_products)`` in the inputs' layout.
+
+    Raises:
+        ValueError: for ``clip_val <= 0`` or an unknown ``algorithm``.
+
+    Example:
+        >>> import torch
+        >>> g, dg = [torch.tensor([3.0, 4.0])], [torch.tensor([[1.0, 0.0]])]  # ‖g‖ = 5, clipped to 1
+        >>> gc, dgc = clip_tangent(g, dg, 1.0)
+        >>> torch.allclose(gc[0], torch.tensor([0.6, 0.8]), atol=1e-6)
+        True
+        >>> torch.allclose(dgc[0], torch.tensor([[0.128, -0.096]]), atol=1e-6)  # the radial part removed, scaled
+        True
+    """
+    if not clip_val > 0:
+        raise ValueError(f"`clip_val` must be positive, got {clip_val!r}")
+    if algorithm == "value":
+        masks = [(g.abs() <= clip_val).to(g.dtype) for g in grads]
+        return [g.clamp(-clip_val, clip_val) for g in grads], [d * m for d, m in zip(products, masks)]
+    if algorithm != "norm":
+        raise ValueError(f"`algorithm` must be 'norm' or 'value', got {algorithm!r}")
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = clip_val / (norm + eps)
+    if coef >= 1:
+        return list(grads), list(products)
+    k = products[0].shape[0]
+    dots = torch.stack([(g.unsqueeze(0) * d).reshape(k, -1).sum(dim=1) for g, d in zip(grads, products)]).sum(dim=0)
+    scale = clip_val / (norm * (norm + eps) ** 2)
+    clipped_products = [coef * d - scale * dots.view(k, *[1] * g.dim()) * g.unsqueeze(0)  # dots: g·δg per tangent
+                        for g, d in zip(grads, products)]
+    return [coef * g for g in grads], clipped_products
+
+
+
+
 def sgd_tangent_step(
     v_param: Tensor,
     hvp: Tensor,
