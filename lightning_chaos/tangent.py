@@ -123,9 +123,10 @@ class TangentProbe(Callback):
 
     Refused (a warning, and the probe disables itself, leaving the training untouched): optimizers other than
     ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (subclasses included, as their step may differ), ``amsgrad``, several
-    optimizers, gradient accumulation, an overridden ``configure_gradient_clipping`` and precisions other than
-    32/64-bit true, whose step this probe does not linearise. The Trainer's own clipping (``gradient_clip_val``, by
-    norm or by value) is linearised (:func:`~lightning_chaos.functional.tangent.clip_tangent`).
+    optimizers, an overridden ``configure_gradient_clipping`` and precisions other than 32/64-bit true, whose step
+    this probe does not linearise. The Trainer's own clipping (``gradient_clip_val``, by norm or by value) is
+    linearised (:func:`~lightning_chaos.functional.tangent.clip_tangent`); under gradient accumulation every batch of
+    the step is replayed with its own random state.
 
     Raises:
         ValueError: at construction, for an argument out of its range (the message names it).
@@ -201,8 +202,8 @@ class TangentProbe(Callback):
         self._pending_tangents: Optional[list[Tensor]] = None  # from a checkpoint, until attach
         self._params: list[Tensor] = []
         self._step_module: Optional[_TrainingStepAsForward] = None
-        self._rng_state: Optional[RngState] = None
-        self._batch: Any = None
+        # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
+        self._micro: list[tuple[Any, int, RngState]] = []
 
     @property
     def state_key(self) -> str:
@@ -321,13 +322,11 @@ class TangentProbe(Callback):
         chaos_logging.write_tangent_layout(trainer, with_chaos_layout=with_chaos)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._rng_state = None
         if self._active and trainer.global_step >= self.start_step:
-            self._rng_state = capture_rng_state(pl_module.device)
-            self._batch = (batch, batch_idx)
+            self._micro.append((batch, batch_idx, capture_rng_state(pl_module.device)))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if not self._active or self._rng_state is None:
+        if not self._active or not self._micro:
             return
         if self.stop_step is not None and trainer.global_step >= self.stop_step:
             self._stop(trainer)
@@ -338,8 +337,7 @@ class TangentProbe(Callback):
         except Exception as error:  # a fault inside the probe must never reach the user's training
             self._disable(f"TangentProbe stopped after an error while stepping the tangents: {error!r}.")
         finally:
-            self._rng_state = None
-            self._batch = None
+            self._micro = []
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._steps == 0:
@@ -410,8 +408,6 @@ class TangentProbe(Callback):
                     " torch.optim.SGD, Adam and AdamW only); use ChaosProbe, which follows any optimizer")
         if any(group.get("amsgrad") for group in optimizer.param_groups):
             return f"{type(optimizer).__name__}(amsgrad=True) is not supported"
-        if trainer.accumulate_grad_batches != 1:
-            return f"gradient accumulation (accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported"
         if trainer.gradient_clip_val and "configure_gradient_clipping" in overridden_hooks(trainer.lightning_module):
             return "an overridden configure_gradient_clipping is not supported (its clipping is not linearised)"
         if str(trainer.precision) not in _SUPPORTED_PRECISIONS:
@@ -492,8 +488,10 @@ class TangentProbe(Callback):
             offset += p.numel()
         return pieces
 
-    def _loss_function(self, pl_module: LightningModule) -> Callable[[tuple[Tensor, ...]], Tensor]:
-        """θ ↦ the training_step loss on the probed batch, with everything else as the real module has it now."""
+    def _loss_function(
+        self, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> Callable[[tuple[Tensor, ...]], Tensor]:
+        """θ ↦ the training_step loss on a batch of the step, with everything else as the real module has it now."""
         for real, shadow in zip(self._real_modules, self._shadow_modules):  # eval()/train() set on the real one
             shadow.training = real.training
         trainable = {id(p) for p in self._params}
@@ -502,7 +500,6 @@ class TangentProbe(Callback):
         shadow_buffers = {n for n, b in self._step_module.module.named_buffers() if b is not None}
         # copies: a training_step that updates a buffer in place must not write into the real one
         fixed.update({"module." + n: b.detach().clone() for n, b in pl_module.named_buffers() if n in shadow_buffers})
-        batch, batch_idx = self._batch
         names, module = self._names, self._step_module
 
         def loss_of(theta: tuple[Tensor, ...]) -> Tensor:
@@ -551,12 +548,16 @@ class TangentProbe(Callback):
         forward-over-reverse ``jvp(grad(...))``, whose cost there is per-operator overhead, and gives the same
         products to rounding; the graph serves the sharpness's power iteration too, with no second replay.
         """
-        loss_of = self._loss_function(pl_module)
         leaves = tuple(p.detach().requires_grad_() for p in self._params)
-        assert self._rng_state is not None  # captured at this batch's start
-        with replayed_rng(self._rng_state, self._params[0].device), trainer.precision_plugin.train_step_context(), \
-                torch.enable_grad():
-            gradients = torch.autograd.grad(loss_of(leaves), leaves, create_graph=True, materialize_grads=True)
+        gradients: tuple[Tensor, ...] = ()
+        for batch, batch_idx, rng_state in self._micro:  # under accumulation, each batch of the step with its RNG
+            loss_of = self._loss_function(pl_module, batch, batch_idx)
+            with replayed_rng(rng_state, self._params[0].device), trainer.precision_plugin.train_step_context(), \
+                    torch.enable_grad():
+                # Lightning divides each batch's loss by accumulate_grad_batches before its backward
+                loss = loss_of(leaves) / trainer.accumulate_grad_batches
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
+            gradients = grads if not gradients else tuple(a + b for a, b in zip(gradients, grads))
         # a gradient that does not depend on θ (a parameter entering linearly) adds nothing to H·u
         curved = [i for i, g in enumerate(gradients) if g.requires_grad]
         world_size = trainer.world_size
