@@ -8,14 +8,13 @@ http.server, opens three pages in headless Chromium, saves PNGs into docs/screen
 """
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from screenshot_tensorboard import free_port, screenshot, wait_for  # noqa: E402
+from screenshot_tensorboard import find_browser, free_port, serve_and_shoot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # page path on the site -> PNG name: the landing page, a guide, the API reference
@@ -31,9 +30,7 @@ def main() -> None:
     parser.add_argument("--site", help="a built site to serve (default: build one with `mkdocs build --strict`)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"), help="folder for the PNGs")
     args = parser.parse_args()
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        sys.exit("chromium not found: apt-get install chromium")
+    browser = find_browser()
     with tempfile.TemporaryDirectory() as scratch:
         site = args.site
         if site is None:
@@ -41,20 +38,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", site], cwd=ROOT,
                            check=True)
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", site],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(f"http://127.0.0.1:{port}/index.html")
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            for page, name in PAGES.items():
-                screenshot(browser, f"http://127.0.0.1:{port}/{page}", out / name, str(Path(scratch) / "chrome"))
-                print(f"saved {out / name}")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", site]
+        serve_and_shoot(command, port, "index.html", PAGES, Path(args.out), browser, scratch)
 
 
 if __name__ == "__main__":

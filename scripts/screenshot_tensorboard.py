@@ -50,34 +50,45 @@ def screenshot(browser: str, url: str, png: Path, profile: str) -> None:
     )
 
 
+def find_browser() -> str:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        sys.exit("chromium not found: apt-get install chromium")
+    return browser
+
+
+def serve_and_shoot(server_command: list[str], port: int, ready_path: str, pages: dict[str, str], out: Path,
+                    browser: str, scratch: str) -> None:
+    """Start a server on 127.0.0.1:``port``, wait until ``ready_path`` answers, save each page (path → PNG name) into
+    ``out``, and stop the server."""
+    server = subprocess.Popen(server_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/{ready_path}")
+        out.mkdir(parents=True, exist_ok=True)
+        for page, name in pages.items():
+            screenshot(browser, f"http://127.0.0.1:{port}/{page}", out / name, str(Path(scratch) / "chrome"))
+            print(f"saved {out / name}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", help="log directory to show (default: run the quickstart into a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the PNGs")
     args = parser.parse_args()
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        sys.exit("chromium not found: apt-get install chromium")
+    browser = find_browser()
     with tempfile.TemporaryDirectory() as scratch:
         logdir = args.logdir
         if logdir is None:
             logdir = str(Path(scratch) / "logs")
             subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--logdir", logdir], check=True)
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(f"http://127.0.0.1:{port}/data/runs")
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            for dashboard, name in DASHBOARDS.items():
-                screenshot(browser, f"http://127.0.0.1:{port}/#{dashboard}", out / name, str(Path(scratch) / "chrome"))
-                print(f"saved {out / name}")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
+                   "--port", str(port)]
+        pages = {f"#{dashboard}": name for dashboard, name in DASHBOARDS.items()}
+        serve_and_shoot(command, port, "data/runs", pages, Path(args.out), browser, scratch)
 
 
 if __name__ == "__main__":
