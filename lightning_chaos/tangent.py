@@ -595,7 +595,9 @@ class TangentProbe(Callback):
             rank_zero_warn(
                 f"TangentProbe: at step {self._attach_step + self._steps} the gradient of the replayed training_step"
                 f" differs from the real one by {gap:.1e} (relative; tolerance {tolerance:.0e}): something outside"
-                " training_step changed the step (random draws in a hook, a hook that edits the gradients). The"
+                " training_step changed the step (random draws in a hook, a hook that edits the gradients, state the"
+                " module carries from batch to batch such as an RNN's hidden state, which the tangents do not"
+                " follow). The"
                 " tangents follow another map than the real one: results UNTRUSTED."
             )
 

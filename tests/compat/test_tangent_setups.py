@@ -1,0 +1,42 @@
+"""TangentProbe on modules it did not write: a Hugging Face BERT (SDPA attention and hidden dropout, AdamW) and
+Lightning's LSTM demo (a hidden state kept across batches, gradient clipping). Each fit is bit-identical with and
+without the probe, and the replayed gradient matches the real one (``trusted``), or the probe says why not.
+
+The cases are the suite's own, so the README's setups table (the ChaosProbe's) does not grow."""
+
+import math
+
+from harness import assert_same_training, fit, plain_run
+from lightning_chaos import TangentProbe
+from test_module_hooks import CASES as HOOK_CASES
+from test_transformers import CASES as TRANSFORMER_CASES
+
+BERT = next(case for case in TRANSFORMER_CASES if "Bert" in case.name)
+GPT2 = next(case for case in TRANSFORMER_CASES if "eager" in case.name)
+LSTM_DEMO = next(case for case in HOOK_CASES if case.name == "LightningLSTM-demo")
+
+
+def test_bert_with_dropout_and_adamw():
+    probe = TangentProbe(num_exponents=2, sharpness=True, sharpness_every=2)
+    run = fit(BERT, callbacks=[probe])
+    assert_same_training(run, plain_run(BERT))
+    assert probe.trusted, run.warned("TangentProbe")  # the replay drew the real dropout masks
+    assert probe.spectrum_history.shape[0] == run.trainer.global_step - 1  # Adam: from its second step
+    assert all(math.isfinite(v) for v in probe.lyapunov_spectrum.tolist()) and probe.sharpness > 0
+
+
+def test_gpt2_eager_attention():
+    probe = TangentProbe(num_exponents=1)
+    run = fit(GPT2, callbacks=[probe])
+    assert_same_training(run, plain_run(GPT2))
+    assert probe.trusted, run.warned("TangentProbe")
+
+
+def test_lightning_lstm_demo_says_it_cannot_be_trusted():
+    """The demo carries its LSTM's hidden state from batch to batch: a variable of the training map that the tangents
+    do not follow. The replay check catches it at the first step and says so; training is untouched."""
+    probe = TangentProbe(num_exponents=1)
+    run = fit(LSTM_DEMO, callbacks=[probe])
+    assert_same_training(run, plain_run(LSTM_DEMO))
+    assert probe.trusted is False
+    assert run.warned("TangentProbe: at step 0 .* UNTRUSTED")
