@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, Optional, Union, cast
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -67,6 +67,16 @@ ADAPTIVE_OPTIMIZERS = tuple(
 )
 
 
+class _Run(NamedTuple):
+    """What one η and initialisation of the sweep measured."""
+
+    exponent: float
+    loss_ratio: float
+    learning: bool
+    losses: Tensor  # the reference's training loss per optimizer step, NaN after it stopped
+    model_steps: int  # forward and backward passes of one copy of the model
+
+
 @dataclass
 class ChaosLRFinderResult:
     """The evidence of a chaos LR sweep. Every per-η tensor follows ``lrs`` (increasing).
@@ -93,6 +103,10 @@ class ChaosLRFinderResult:
         anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
         margin: the factor the suggestion stepped back from its anchor by (``margin="auto"`` resolved).
         seconds: wall time of the sweep.
+        losses: the reference run's training loss at each optimizer step, [num_lrs, steps_per_lr], mean over
+            initialisations; NaN after a run stopped (it diverged).
+        model_steps: forward and backward passes of one copy of the model that the sweep trained (every η's reference
+            and shadows, every initialisation): its cost in units of a training step.
     """
 
     lrs: Tensor
@@ -111,6 +125,8 @@ class ChaosLRFinderResult:
     anchor: str = "trainability"
     margin: float = MARGIN
     seconds: float = 0.0
+    losses: Tensor = field(default_factory=lambda: torch.empty(0, 0))
+    model_steps: int = 0
 
     def plot(self, ax: Any = None) -> Any:
         """The sweep as a matplotlib Figure: Λ(η) with ρ(η) on top, the loss ratio below, both edges and the
@@ -434,7 +450,7 @@ class ChaosLRFinder(Callback):
         batches = list(zip(batches, rng_states))
         inits = self._initial_states(pl_module)
         coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
-        runs: dict[float, list[tuple[float, float, bool]]] = {}
+        runs: dict[float, list[_Run]] = {}
         progress = self._progress(trainer, self.num_lrs * len(inits))
         self._stack = self._should_stack(pl_module)
         if self._stack:  # the whole coarse grid in one vmap per step
@@ -496,18 +512,18 @@ class ChaosLRFinder(Callback):
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")
         return reason is None
 
-    def _past_the_edge(self, runs: dict[float, list[tuple[float, float, bool]]]) -> bool:
+    def _past_the_edge(self, runs: dict[float, list[_Run]]) -> bool:
         """Whether the latest η is chaotic and not learning, after some smaller η learned."""
         lrs = sorted(runs)
-        learned = [sum(run[2] for run in runs[lr]) * 2 >= len(runs[lr]) for lr in lrs]
+        learned = [sum(run.learning for run in runs[lr]) * 2 >= len(runs[lr]) for lr in lrs]
         if learned[-1] or not any(learned):
             return False
-        table = torch.tensor([[run[0] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
+        table = torch.tensor([[run.exponent for run in runs[lr]] for lr in lrs], dtype=torch.float64)
         return bool(chaotic_mask(table, self.steps_per_lr, rule=self.rule)[-1].double().mean() >= 0.5)
 
     def _run_grid(
         self, trainer: Trainer, pl_module: LightningModule, lrs: list[float], inits: list[Any], batches: list,
-        base_lr: float, runs: dict[float, list[tuple[float, float, bool]]], progress: Any,
+        base_lr: float, runs: dict[float, list[_Run]], progress: Any,
     ) -> None:
         for lr in lrs:
             runs[lr] = []
@@ -519,7 +535,7 @@ class ChaosLRFinder(Callback):
                 for candidate in candidates:
                     self._train_one(pl_module, candidate, batches, trainer.precision_plugin.train_step_context)
             for lr, candidate in zip(lrs, candidates):
-                runs[lr].append(candidate.result(self.steps_per_lr, self.renormalize_every))
+                runs[lr].append(candidate.result(self.steps_per_lr, self.renormalize_every, self._accumulate))
             if progress is not None:
                 progress.update(len(lrs))
                 progress.set_postfix(lr=f"{lrs[-1]:.3g}")
@@ -650,11 +666,12 @@ class ChaosLRFinder(Callback):
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
             return None
 
-    def _summarise(self, runs: dict[float, list[tuple[float, float, bool]]]) -> ChaosLRFinderResult:
+    def _summarise(self, runs: dict[float, list[_Run]]) -> ChaosLRFinderResult:
         lrs = sorted(runs)
-        table = torch.tensor([[run[0] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
-        ratios = torch.tensor([[run[1] for run in runs[lr]] for lr in lrs], dtype=torch.float64)
-        learned = torch.tensor([[run[2] for run in runs[lr]] for lr in lrs])
+        table = torch.tensor([[run.exponent for run in runs[lr]] for lr in lrs], dtype=torch.float64)
+        ratios = torch.tensor([[run.loss_ratio for run in runs[lr]] for lr in lrs], dtype=torch.float64)
+        learned = torch.tensor([[run.learning for run in runs[lr]] for lr in lrs])
+        losses = torch.stack([torch.stack([run.losses for run in runs[lr]]).mean(0) for lr in lrs])
         chaotic = chaotic_mask(table, self.steps_per_lr, rule=self.rule)
         sensitive_fraction = chaotic.double().mean(1)
         learning = learned.double().mean(1) >= 0.5
@@ -685,6 +702,8 @@ class ChaosLRFinder(Callback):
             trainability_edge=edge,
             anchor=self.anchor,
             margin=self._edge_margin if self.anchor == "trainability" else self._onset_margin,
+            losses=losses,
+            model_steps=sum(run.model_steps for lr in lrs for run in runs[lr]),
         )
 
     # -- data, initialisations, LR attribute ------------------------------------------------------------------------
@@ -894,8 +913,8 @@ class _Candidate:
         first, last = self.losses[0].item(), self.losses[-1].item()
         return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
 
-    def result(self, planned_steps: int, renormalize_every: int) -> tuple[float, float, bool]:
-        """(Λ, loss ratio, learning) of this η."""
+    def result(self, planned_steps: int, renormalize_every: int, accumulate: int = 1) -> _Run:
+        """Λ, loss ratio, learning and the loss curve of this η."""
         steps, shadows = self.steps, self.shadows
         pulled_back = steps % renormalize_every == 0
         growth = shadows.log_growth(shadows.distances(), renormalized=True, pulled_back=pulled_back)
@@ -911,7 +930,10 @@ class _Candidate:
         ratio = (1 - (head - tail) / head.abs().clamp_min(torch.finfo(torch.float64).tiny)).item()
         diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
         learning = not diverged and ratio < _LEARNING_LOSS_RATIO
-        return exponent, ratio, learning
+        curve = torch.full((planned_steps,), math.nan, dtype=torch.float64)
+        curve[: len(self.losses)] = loss_values[:planned_steps] if self.losses else curve[:0]
+        return _Run(exponent, ratio, learning, curve, steps * accumulate * (1 + len(shadows.shadows)))
+
 
 
 def _reset_state(optimizer: Optimizer) -> None:

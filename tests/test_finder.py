@@ -117,6 +117,28 @@ def test_default_anchor_on_the_quadratic_steps_back_from_the_exact_top_of_the_le
     assert sequential.suggestion == pytest.approx(result.suggestion, rel=1e-12)
 
 
+def _exact_losses(model: OffsetQuadratic, lr: float, steps: int) -> torch.Tensor:
+    eigenvalues, basis = torch.linalg.eigh(model.a)
+    c = basis.T @ model.weight.detach()
+    t = torch.arange(steps, dtype=torch.float64)[:, None]
+    return 0.5 * (eigenvalues * (1 - lr * eigenvalues) ** (2 * t) * c**2).sum(1) + model.offset
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["stacked", "one-at-a-time"])
+def test_the_result_holds_every_learning_rates_exact_loss_curve_and_the_sweeps_cost(vectorize):
+    model, result = _offset_quadratic_sweep(0.5, vectorize)
+    assert result.losses.shape == (len(result.lrs), 40)
+    exact = torch.stack([_exact_losses(model, lr, 40) for lr in result.lrs.tolist()])
+    ran = torch.isfinite(result.losses)
+    # every η starts from the same loss; a learning η runs the whole window; a diverged one stops at a check
+    assert ran[:, 0].all() and ran[result.learning].all()
+    torch.testing.assert_close(result.losses[ran], exact[ran], rtol=1e-9, atol=1e-12)
+    stopped = ~ran.all(1)
+    assert stopped.any() and all(row[: int(row.sum())].all() and int(row.sum()) % 10 == 0 for row in ran[stopped])
+    # a reference and one shadow per η, each a forward and backward per step it ran
+    assert result.model_steps == 2 * int(ran.sum())
+
+
 def _fit_dropout_mlp(callbacks, max_epochs=2):
     L.seed_everything(11, verbose=False)
     model = DropoutMLP()
