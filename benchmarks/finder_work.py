@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lightning_chaos.finder as finder_module  # noqa: E402
+import lightning_chaos.sweep as sweep_module  # noqa: E402
 from bench_finder import _trainer  # noqa: E402
 from lightning_chaos import find_chaos_lr  # noqa: E402
 from tasks import TASKS  # noqa: E402
@@ -37,12 +37,12 @@ def count_rows(task_name: str, seed: int, root: str) -> tuple[int, int]:
     """(rows computed, rows had the stacks kept their first size) over one sweep; a grid's first stack starts it."""
     computed, kept = 0, 0
     grid_size: list[int] = []  # the first stack's size of the grid being trained (coarse, then refinement)
-    original_grid = finder_module.ChaosLRFinder._train_stacked
-    original_init, original_step = finder_module.StackedShadows.__init__, finder_module.StackedShadows.forward_backward
+    original_grid = sweep_module.LRSweep._train_stacked
+    original_init, original_step = sweep_module.StackedShadows.__init__, sweep_module.StackedShadows.forward_backward
 
-    def train_grid(self, pl_module, candidates, *args, **kwargs):
+    def train_grid(self, candidates):
         grid_size[:] = []
-        return original_grid(self, pl_module, candidates, *args, **kwargs)
+        return original_grid(self, candidates)
 
     def init(self, shadows, *args, **kwargs):
         if not grid_size:
@@ -55,23 +55,23 @@ def count_rows(task_name: str, seed: int, root: str) -> tuple[int, int]:
         kept += grid_size[0]
         return original_step(self, *args, **kwargs)
 
-    finder_module.ChaosLRFinder._train_stacked = train_grid
-    finder_module.StackedShadows.__init__, finder_module.StackedShadows.forward_backward = init, step
+    sweep_module.LRSweep._train_stacked = train_grid
+    sweep_module.StackedShadows.__init__, sweep_module.StackedShadows.forward_backward = init, step
     try:
         task = TASKS[task_name]
         seed_everything(seed, verbose=False)
         find_chaos_lr(_trainer(task.budget, [], root), task.make_model(task.default_lr), datamodule=task.make_datamodule())
     finally:
-        finder_module.ChaosLRFinder._train_stacked = original_grid
-        finder_module.StackedShadows.__init__, finder_module.StackedShadows.forward_backward = original_init, original_step
+        sweep_module.LRSweep._train_stacked = original_grid
+        sweep_module.StackedShadows.__init__, sweep_module.StackedShadows.forward_backward = original_init, original_step
     return computed, kept
 
 
-def _train_stacked_keeping_diverged(self, pl_module, candidates, batches, step_context):
+def _train_stacked_keeping_diverged(self, candidates):
     """The finder's ``_train_stacked`` before diverged candidates left the stack (commit 'One check for the vectorize
     argument ...'): one stack for the whole grid; a diverged candidate's rows are still computed, then ignored."""
-    device = pl_module.device
-    names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+    device, batches, step_context = self.module.device, self.batches, self.step_context
+    names = [n for n, p in self.module.named_parameters() if p.requires_grad]
     stacked = self._stack_candidates(candidates, names)
     width = 1 + self.num_shadows
     for batch_idx, (batch, rng_state) in enumerate(batches):
@@ -79,7 +79,7 @@ def _train_stacked_keeping_diverged(self, pl_module, candidates, batches, step_c
             break
         losses = None
         if stacked is not None:
-            with finder_module.replayed_rng(rng_state, device):
+            with sweep_module.replayed_rng(rng_state, device):
                 losses, grads = stacked.forward_backward(batch, batch_idx, step_context)
         for index, candidate in enumerate(candidates):
             if candidate.done:
@@ -93,12 +93,12 @@ def _train_stacked_keeping_diverged(self, pl_module, candidates, batches, step_c
 def time_both(task_name: str, reps: int, root: str) -> tuple[float, bool]:
     """Median over ``reps`` interleaved pairs of (seconds keeping diverged rows) / (seconds as it is), and whether
     every pair gave the same suggestion."""
-    task, current = TASKS[task_name], finder_module.ChaosLRFinder._train_stacked
+    task, current = TASKS[task_name], sweep_module.LRSweep._train_stacked
     ratios, same = [], True
     for rep in range(reps + 1):  # the first pair warms up
         seconds, suggestions = {}, {}
         for arm in (("pruned", "kept") if rep % 2 else ("kept", "pruned")):
-            finder_module.ChaosLRFinder._train_stacked = current if arm == "pruned" else _train_stacked_keeping_diverged
+            sweep_module.LRSweep._train_stacked = current if arm == "pruned" else _train_stacked_keeping_diverged
             try:
                 seed_everything(rep, verbose=False)
                 model, dm = task.make_model(task.default_lr), task.make_datamodule()
@@ -107,7 +107,7 @@ def time_both(task_name: str, reps: int, root: str) -> tuple[float, bool]:
                 suggestions[arm] = find_chaos_lr(trainer, model, datamodule=dm).suggestion
                 seconds[arm] = time.perf_counter() - started
             finally:
-                finder_module.ChaosLRFinder._train_stacked = current
+                sweep_module.LRSweep._train_stacked = current
         if rep:
             ratios.append(seconds["kept"] / seconds["pruned"])
             same &= suggestions["kept"] == suggestions["pruned"]

@@ -1,15 +1,17 @@
 """ChaosLRFinder: sweep the learning rate for chaos and trainability on clones, without taking over the fit loop, and
-set it just below the top of the learning band (or the onset of chaos)."""
+set it just below the top of the learning band (or the onset of chaos).
+
+The Lightning glue only: the batches of the window, the learning-rate attribute, the report. The sweep itself is the
+engine in :mod:`lightning_chaos.sweep`, and the rules that read it are pure functions in
+:mod:`lightning_chaos.functional.onset`."""
 
 import math
-import random
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Optional, Union, cast
+from typing import Any, Optional, Union, cast
 
-import numpy as np
 import torch
+import torch.distributed
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner.lr_finder import _determine_lr_attr_name
@@ -24,39 +26,28 @@ from torch.utils.data import DataLoader
 
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos._validation import check_flag, check_seed
-from lightning_chaos.functional.exponents import benettin_exponent
-from lightning_chaos.functional.onset import (
-    LEARNS_WELL_TOLERANCE,
-    learns_well_threshold,
-    ONSET_RULES,
-    chaotic_mask,
-    edge_of_chaos_suggestion,
-    trainability_edge_suggestion,
+from lightning_chaos.functional.onset import ONSET_RULES, refinement_bracket
+from lightning_chaos.mirror import mirroring_blocker
+from lightning_chaos.sweep import (
+    MARGIN,
+    ChaosLRFinderResult,
+    LRSweep,
+    Runs,
+    initial_states,
+    seeded_rng_states,
+    summarise,
+    swept_quantity,
+    unscheduled_lr,
 )
-from lightning_chaos.mirror import BatchContext, mirroring_blocker
-from lightning_chaos.shadow import Perturbation, ShadowEnsemble, capture_rng_state, make_shadow_module, replayed_rng
-from lightning_chaos.vectorized import (
-    NotVectorizable,
-    StackedOptimizer,
-    StackedShadows,
-    build_like,
-    check_vectorize,
-    vectorization_blocker,
-    worth_vectorizing,
-)
+from lightning_chaos.vectorized import check_vectorize, vectorization_blocker, worth_vectorizing
+
+__all__ = ["ChaosLRFinder", "ChaosLRFinderResult", "find_chaos_lr", "auto_margin"]
 
 ANCHORS = ("onset", "trainability")
-
-# A reference run "learns" when its mean loss over the last quarter of the window is below this share of its first loss
-# (at the initial parameters, the same for every η); it "diverged" when the loss turns non-finite or exceeds this many times its first loss.
-_LEARNING_LOSS_RATIO = 0.95
-_DIVERGENCE_LOSS_FACTOR = 10.0
-_DIVERGENCE_CHECK_EVERY = 10
 
 # ``margin="auto"``: how far below its anchor the suggestion steps back. Under an optimizer that scales each
 # coordinate's step by a running measure of its gradients, the loss after the sweep's window keeps improving past the
 # fastest η, so the top of the learning band lies further above it (benchmarks/FINDER_RESULTS.md, held-out set 4).
-MARGIN = 1.5
 ADAPTIVE_MARGIN = 2.5
 ADAPTIVE_OPTIMIZERS = tuple(
     getattr(torch.optim, name)
@@ -65,142 +56,6 @@ ADAPTIVE_OPTIMIZERS = tuple(
     )
     if hasattr(torch.optim, name)  # Adafactor came with torch 2.5
 )
-
-
-class _Run(NamedTuple):
-    """What one η and initialisation of the sweep measured."""
-
-    exponent: float
-    loss_ratio: float
-    learning: bool
-    losses: Tensor  # the reference's training loss per optimizer step, NaN after it stopped
-    model_steps: int  # forward and backward passes of one copy of the model
-
-
-@dataclass
-class ChaosLRFinderResult:
-    """The evidence of a chaos LR sweep. Every per-η tensor follows ``lrs`` (increasing).
-
-    Attributes:
-        lrs: the swept learning rates η (the coarse grid plus any refinement next to the anchor).
-        exponents: Λ(η), mean over initialisations, per optimizer step.
-        sensitive_fraction: ρ(η), the fraction of initialisations that are chaotic by the onset rule.
-        learning: whether the reference run still learned at η (loss went down, no divergence), by majority.
-        suggestion: the suggested learning rate, or None (see the warning it came with).
-        onset: η*, the first η with ρ ≥ 0.5 (or, when chaos starts below every η that learns, the first failing η
-            above the learning band), or None.
-        exponents_per_init: Λ per η and initialisation, [num_lrs, num_inits].
-        loss_ratio: mean loss of the last quarter of the window over the first loss (at the initial parameters), per η.
-            For a negative first loss, 1 − (first − last) / |first|: below 1 always means the loss fell.
-        steps_per_lr: optimizer steps each Λ was measured over.
-        rule: the onset rule used.
-        reason: why there is no suggestion ("" when there is one).
-        learning_at_onset: whether the network still learned at η* (None without an onset). Under minibatch SGD
-            the onset often coincides with where learning fails: then η* marks the edge of trainability as much as
-            the edge of chaos.
-        trainability_edge: the largest η that still learns well (see
-            :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
-        anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
-        margin: the factor the suggestion stepped back from its anchor by (``margin="auto"`` resolved).
-        seconds: wall time of the sweep.
-        losses: the reference run's training loss at each optimizer step, [num_lrs, steps_per_lr], mean over
-            initialisations; NaN after a run stopped (it diverged).
-        model_steps: forward and backward passes of one copy of the model that the sweep trained (every η's reference
-            and shadows, every initialisation): its cost in units of a training step.
-    """
-
-    lrs: Tensor
-    exponents: Tensor
-    sensitive_fraction: Tensor
-    learning: Tensor
-    suggestion: Optional[float]
-    onset: Optional[float] = None
-    exponents_per_init: Tensor = field(default_factory=lambda: torch.empty(0))
-    loss_ratio: Tensor = field(default_factory=lambda: torch.empty(0))
-    steps_per_lr: int = 0
-    rule: str = "efold"
-    reason: str = ""
-    learning_at_onset: Optional[bool] = None
-    trainability_edge: Optional[float] = None
-    anchor: str = "trainability"
-    margin: float = MARGIN
-    seconds: float = 0.0
-    losses: Tensor = field(default_factory=lambda: torch.empty(0, 0))
-    model_steps: int = 0
-
-    def plot(self, ax: Any = None) -> Any:
-        """The sweep as a matplotlib Figure: Λ(η) with ρ(η) on top, the loss ratio below, both edges and the
-        suggestion marked. With ``ax`` only the Λ panel is drawn, into it.
-
-        Needs matplotlib (``pip install 'lightning-chaos[examples]'``); draws without a display.
-        """
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        loss_ax = None
-        if ax is None:
-            fig, (ax, loss_ax) = plt.subplots(
-                2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": (3, 2)}
-            )
-        else:
-            fig = ax.figure
-        lrs = self.lrs.numpy()
-        learning = self.learning.numpy()
-        exponents = self.exponents.numpy()
-        ax.plot(lrs, exponents, "-", color="tab:blue", label="Λ(η), mean over inits")
-        ax.plot(lrs[learning], exponents[learning], "o", color="tab:blue", label="still learning")
-        ax.plot(lrs[~learning], exponents[~learning], "x", color="tab:red", label="not learning / diverged")
-        if self.exponents_per_init.numel() and self.exponents_per_init.shape[1] > 1:
-            for column in self.exponents_per_init.T.numpy():
-                ax.plot(lrs, column, ".", color="tab:blue", alpha=0.3)
-        if self.rule == "efold" and self.steps_per_lr:
-            ax.axhline(1.0 / self.steps_per_lr, color="gray", ls=":", label="1 e-fold over the window")
-        ax.axhline(0.0, color="black", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_ylabel("Lyapunov exponent Λ (per step)")
-        twin = ax.twinx()
-        twin.plot(lrs, self.sensitive_fraction.numpy(), "s--", color="tab:orange", ms=3, label="ρ(η)")
-        twin.set_ylim(-0.05, 1.05)
-        twin.set_ylabel("ρ: fraction chaotic", color="tab:orange")
-        panels = [ax] if loss_ax is None else [ax, loss_ax]
-        if loss_ax is not None and self.loss_ratio.numel() == len(lrs):
-            ratio = self.loss_ratio.numpy()
-            finite = np.isfinite(ratio)
-            loss_ax.plot(lrs[finite], ratio[finite], "-", color="tab:gray")
-            loss_ax.plot(lrs[finite & learning], ratio[finite & learning], "o", color="tab:blue", label="learning")
-            loss_ax.plot(lrs[finite & ~learning], ratio[finite & ~learning], "x", color="tab:red",
-                         label="not learning")
-            if (finite & learning).any():
-                threshold = learns_well_threshold(float(ratio[finite & learning].min()))
-                loss_ax.axhline(threshold, color="tab:purple", ls=":", lw=1,
-                                label=f"{LEARNS_WELL_TOLERANCE:g} × the best ratio: learns well below")
-            loss_ax.axhline(1.0, color="black", lw=0.5)
-            if (ratio[finite] > 0).all():
-                loss_ax.set_yscale("log")
-            else:  # a loss that crossed zero: a log axis would drop those η
-                loss_ax.set_yscale("symlog", linthresh=1e-2)
-            loss_ax.set_ylabel("loss ratio (end / start)")
-            loss_ax.legend(loc="upper left", fontsize=7)
-        for panel in panels:
-            labelled = panel is ax
-            if self.onset is not None:
-                panel.axvline(self.onset, color="tab:orange", ls="--", lw=1,
-                              label=f"onset η* = {self.onset:.3g}" if labelled else None)
-            if self.trainability_edge is not None:
-                panel.axvline(self.trainability_edge, color="tab:purple", ls=":", lw=1,
-                              label=f"top of learning band {self.trainability_edge:.3g}" if labelled else None)
-            if self.suggestion is not None:
-                panel.axvline(self.suggestion, color="tab:green", lw=2,
-                              label=f"suggestion {self.suggestion:.3g} ({self.anchor} / {self.margin:g})"
-                              if labelled else None)
-        panels[-1].set_xlabel("learning rate η")
-        ax.legend(loc="upper left", fontsize=7)
-        ax.set_title("ChaosLRFinder sweep: Λ(η), and the loss ratio the learning band is read from")
-        fig.tight_layout()
-        return fig
 
 
 class ChaosLRFinder(Callback):
@@ -237,6 +92,9 @@ class ChaosLRFinder(Callback):
     divides: on the benchmark's CNN every η that kills the network reads Λ ≈ 2.9/(``steps_per_lr`` −
     ``renormalize_every``). A Λ that halves when ``steps_per_lr`` doubles is such a burst; the e-fold rule, which asks
     about growth within the window, counts it as chaos.
+
+    Under DDP the sweep is split: each process trains its share of every grid on rank 0's batches and the runs are
+    gathered, so every rank gets the result one process would make on those batches, about N× sooner.
 
     Everything runs on clones in the finder's own loop: afterwards the model's weights, the optimizer's state, the RNG
     state and the trainer's state are what they were, apart from the learning rate it sets, which is written like
@@ -378,8 +236,7 @@ class ChaosLRFinder(Callback):
         self.vectorize = vectorize
         self.anchor = anchor
         self._stack = False
-        self._said_why_optimizers_step_apart = False
-        self._accumulate = 1
+        self._engine: Optional[LRSweep] = None  # the last sweep's engine
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
 
@@ -406,7 +263,7 @@ class ChaosLRFinder(Callback):
         self._onset_margin, self._edge_margin = self._margins(optimizer)
         base_lr = (
             float(lightning_getattr(pl_module, attr_name))  # type: ignore[arg-type]  # the model's number
-            if attr_name else _unscheduled_lr(optimizer.param_groups[0])
+            if attr_name else unscheduled_lr(optimizer.param_groups[0])
         )
         started = time.monotonic()
         # Lightning's isolate_rng restores only on a normal exit: an error (or an interrupt) in the user's
@@ -417,6 +274,7 @@ class ChaosLRFinder(Callback):
         finally:
             _set_rng_states(rng_states)
         result.seconds = time.monotonic() - started
+        result.swept = swept_quantity(optimizer)
         result = trainer.strategy.broadcast(result, src=0)  # every rank ends with rank 0's suggestion
         self.result = result
         if result.suggestion is None:
@@ -436,43 +294,61 @@ class ChaosLRFinder(Callback):
     # -- the sweep ------------------------------------------------------------------------------------------------
 
     def _sweep(self, trainer: Trainer, pl_module: LightningModule, base_lr: float) -> ChaosLRFinderResult:
-        self._accumulate = trainer.accumulate_grad_batches
         batches = self._collect_batches(trainer, pl_module)
-        # New dropout masks and augmentation draws at every step, the same for every η. Seeded once per sweep:
-        # torch.manual_seed also seeds every accelerator lazily and costs about a millisecond, as much as a small
-        # model's step. The caller's streams come back in find, however the sweep ends.
-        rng_states = []
-        for batch_idx in range(len(batches)):
-            torch.manual_seed(self.seed + batch_idx)
-            random.seed(self.seed + batch_idx)
-            np.random.seed((self.seed + batch_idx) % 2**32)
-            rng_states.append(capture_rng_state(pl_module.device))
-        batches = list(zip(batches, rng_states))
-        inits = self._initial_states(pl_module)
-        coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
-        runs: dict[float, list[_Run]] = {}
-        progress = self._progress(trainer, self.num_lrs * len(inits))
         self._stack = self._should_stack(pl_module)
-        if self._stack:  # the whole coarse grid in one vmap per step
-            self._run_grid(trainer, pl_module, coarse.tolist(), inits, batches, base_lr, runs, progress)
-        else:
-            for lr in coarse.tolist():
-                self._run_grid(trainer, pl_module, [lr], inits, batches, base_lr, runs, progress)
-                if self._past_the_edge(runs):
-                    break  # larger learning rates only fail faster: the rest of the grid adds nothing
+        world_size = trainer.world_size
+        progress = self._progress(trainer, math.ceil(self.num_lrs / world_size))
+        engine = LRSweep(
+            pl_module,
+            trainer.optimizers[0],
+            list(zip(batches, seeded_rng_states(len(batches), self.seed, pl_module.device))),
+            base_lr=base_lr,
+            steps_per_lr=self.steps_per_lr,
+            num_shadows=self.num_shadows,
+            epsilon=self.epsilon,
+            renormalize_every=self.renormalize_every,
+            seed=self.seed,
+            init_states=initial_states(pl_module, self.num_inits, self.seed),
+            accumulate=trainer.accumulate_grad_batches,
+            step_context=trainer.precision_plugin.train_step_context,
+            clip_val=trainer.gradient_clip_val,  # type: ignore[arg-type]  # a number once the Trainer checked it
+            clip_algorithm=trainer.gradient_clip_algorithm,
+            stack=self._stack,
+            rank=trainer.global_rank,
+            world_size=world_size,
+            gather=_all_gather_objects if world_size > 1 else None,
+            on_trained=None if progress is None else lambda lr: _advance(progress),
+        )
+        self._engine = engine
+        coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
+        runs = engine.grid(coarse.tolist(), stop_past_the_edge=True, rule=self.rule)
         result = self._summarise(runs)
-        bracket = self._refinement_bracket(result)
+        if self.anchor == "onset":
+            bracket = refinement_bracket(result.lrs, result.onset, below=True)
+        else:
+            bracket = refinement_bracket(result.lrs, result.trainability_edge, below=False)
         if self.refine and bracket is not None:
             low, high = bracket
             fine = torch.logspace(math.log10(low), math.log10(high), self.refine + 2, dtype=torch.float64)
             extra = [lr for lr in fine[1:-1].tolist() if lr not in runs]
             if progress is not None:
-                progress.total += len(extra) * len(inits)
-            self._run_grid(trainer, pl_module, extra, inits, batches, base_lr, runs, progress)
+                progress.total += math.ceil(len(extra) / world_size)
+            runs.update(engine.grid(extra))
             result = self._summarise(runs)
         if progress is not None:
             progress.close()
+        self._stack = engine.stack
         return result
+
+    def _summarise(self, runs: Runs) -> ChaosLRFinderResult:
+        return summarise(
+            runs,
+            steps_per_lr=self.steps_per_lr,
+            rule=self.rule,
+            anchor=self.anchor,
+            onset_margin=self._onset_margin,
+            edge_margin=self._edge_margin,
+        )
 
     def _warn_if_anchors_disagree(self, result: ChaosLRFinderResult) -> None:
         """With the onset anchor, say when the top of the learning band points somewhere else: on the benchmark's
@@ -489,17 +365,6 @@ class ChaosLRFinder(Callback):
                 f" lr={alternative:.3g}. On such sweeps it was the faster choice in benchmarks/FINDER_RESULTS.md."
             )
 
-    def _refinement_bracket(self, result: ChaosLRFinderResult) -> Optional[tuple[float, float]]:
-        """The grid interval to refine: just below the onset, or just above the top of the learning band."""
-        lrs = result.lrs
-        if self.anchor == "onset":
-            if result.onset is None or result.onset <= lrs[0].item():
-                return None
-            return lrs[lrs < result.onset][-1].item(), result.onset
-        if result.trainability_edge is None or result.trainability_edge >= lrs[-1].item():
-            return None
-        return result.trainability_edge, lrs[lrs > result.trainability_edge][0].item()
-
     def _should_stack(self, pl_module: LightningModule) -> bool:
         copies = self.num_lrs * (1 + self.num_shadows)
         wanted = worth_vectorizing(pl_module, copies) if self.vectorize == "auto" else self.vectorize
@@ -512,200 +377,6 @@ class ChaosLRFinder(Callback):
             rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {reason}.")
         return reason is None
 
-    def _past_the_edge(self, runs: dict[float, list[_Run]]) -> bool:
-        """Whether the latest η is chaotic and not learning, after some smaller η learned."""
-        lrs = sorted(runs)
-        learned = [sum(run.learning for run in runs[lr]) * 2 >= len(runs[lr]) for lr in lrs]
-        if learned[-1] or not any(learned):
-            return False
-        table = torch.tensor([[run.exponent for run in runs[lr]] for lr in lrs], dtype=torch.float64)
-        return bool(chaotic_mask(table, self.steps_per_lr, rule=self.rule)[-1].double().mean() >= 0.5)
-
-    def _run_grid(
-        self, trainer: Trainer, pl_module: LightningModule, lrs: list[float], inits: list[Any], batches: list,
-        base_lr: float, runs: dict[float, list[_Run]], progress: Any,
-    ) -> None:
-        for lr in lrs:
-            runs[lr] = []
-        for init_state in inits:
-            candidates = [self._candidate(trainer, pl_module, init_state, lr / base_lr) for lr in lrs]
-            if self._stack:
-                self._train_stacked(pl_module, candidates, batches, trainer.precision_plugin.train_step_context)
-            else:
-                for candidate in candidates:
-                    self._train_one(pl_module, candidate, batches, trainer.precision_plugin.train_step_context)
-            for lr, candidate in zip(lrs, candidates):
-                runs[lr].append(candidate.result(self.steps_per_lr, self.renormalize_every, self._accumulate))
-            if progress is not None:
-                progress.update(len(lrs))
-                progress.set_postfix(lr=f"{lrs[-1]:.3g}")
-
-    def _candidate(
-        self, trainer: Trainer, pl_module: LightningModule, init_state: Optional[dict[str, Tensor]], lr_scale: float
-    ) -> "_Candidate":
-        """A reference copy of the model at one η, fresh optimizer state, and its ε-perturbed shadows."""
-        optimizer = trainer.optimizers[0]
-        reference = ShadowEnsemble(pl_module, optimizer, 1, Perturbation(0.0))
-        if init_state is not None:
-            reference.shadows[0].load_state_dict(init_state)
-        reference_optimizer = reference.optimizers[0]
-        _reset_state(reference_optimizer)  # the sweep starts every η from a fresh optimizer
-        for group, template in zip(reference_optimizer.param_groups, optimizer.param_groups):
-            group["lr"] = _unscheduled_lr(template) * lr_scale  # a fixed η: no warm-up factor
-        if reference_optimizer.param_groups[0].get("train_mode") is False:  # schedule-free: step only in train mode
-            reference_optimizer.train()  # type: ignore[attr-defined]  # a schedule-free optimizer's mode
-        shadows = ShadowEnsemble(
-            reference.shadows[0],
-            reference_optimizer,
-            self.num_shadows,
-            Perturbation(self.epsilon, relative=True, perturb_biases=True),
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        return _Candidate(reference, shadows, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-
-    def _train_one(self, pl_module: LightningModule, candidate: "_Candidate", batches: list, step_context: Any) -> None:
-        """One candidate after the other: only two copies of the model in memory at a time."""
-        device, accumulate = pl_module.device, self._accumulate
-        window: list[Optional[Tensor]] = []  # the losses of this optimizer step's batches
-        for batch_idx, (batch, rng_state) in enumerate(batches):
-            context = candidate.context(batch_idx, accumulate, step_context)
-            window.append(candidate.run_batch(batch, context, rng_state, device))
-            if context.optimizer_steps:
-                if candidate.step(_mean_loss(window), self.renormalize_every, optimizers_stepped=True):
-                    break
-                window = []
-
-    def _train_stacked(self, pl_module: LightningModule, candidates: list["_Candidate"], batches: list,
-                       step_context: Any) -> None:
-        """All candidates (references and shadows of every η) in one ``vmap`` per batch and, where the optimizer
-        allows, one optimizer step (:class:`~lightning_chaos.vectorized.StackedOptimizer`); one at a time from the
-        batch where a batched step fails (the reason is said once at info level). A candidate that diverged leaves the
-        stack: the others go on in a smaller one, so its rows cost nothing more."""
-        device, accumulate = pl_module.device, self._accumulate
-        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        width = 1 + self.num_shadows
-        in_stack = list(candidates)  # the candidates whose rows are in `stacked`, in row order
-        stacked = self._stack_candidates(in_stack, names)
-        stepper = self._stacked_optimizer(stacked, in_stack)
-        active: list[_Candidate] = []
-        windows: list[list[Optional[Tensor]]] = []  # per active candidate, the losses of this optimizer step's batches
-        for batch_idx, (batch, rng_state) in enumerate(batches):
-            first_of_step = batch_idx % accumulate == 0
-            last_of_step = (batch_idx + 1) % accumulate == 0
-            if first_of_step:
-                active = [c for c in candidates if not c.done]
-                if not active:
-                    break  # every candidate diverged: nothing left to learn from these steps
-                if stacked is not None and len(active) < len(in_stack):
-                    if stepper is not None:
-                        stepper.unstack()
-                    for candidate in in_stack:
-                        if candidate.done:  # it must keep neither the old stack nor its batched gradients alive
-                            candidate.detach_from_stack()
-                    in_stack = active
-                    stacked = self._stack_candidates(in_stack, names)
-                    stepper = self._stacked_optimizer(stacked, in_stack)
-                windows = [[] for _ in active]
-            losses: Optional[Tensor] = None
-            if stacked is not None:
-                try:
-                    with replayed_rng(rng_state, device):
-                        losses, grads = stacked.forward_backward(batch, batch_idx, step_context, accumulate)
-                except NotVectorizable as error:
-                    stacked = None
-                    self._stack = False
-                    if stepper is not None:
-                        stepper.unstack()
-                        stepper = None
-                    rank_zero_info(f"ChaosLRFinder: training the candidates one at a time from now on: {error}.")
-            if losses is not None and stepper is not None:
-                stepper.accumulate_gradients(grads, zero_grad=first_of_step)
-                if last_of_step:
-                    stepper.step()
-            for row, candidate in enumerate(active):
-                if losses is not None:
-                    offset = row * width  # `active` is the stack's row order here
-                    if stepper is None:
-                        candidate.reference.take_gradients(grads, [offset], zero_grad=first_of_step)
-                        candidate.shadows.take_gradients(grads, range(offset + 1, offset + width), first_of_step)
-                    loss: Optional[Tensor] = losses[offset]
-                else:
-                    loss = candidate.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
-                windows[row].append(loss)
-                if last_of_step:
-                    loss = _mean_loss(windows[row])
-                    candidate.step(loss, self.renormalize_every, optimizers_stepped=stepper is not None)
-                    candidate.release_gradients()
-            if last_of_step and stepper is not None:
-                stepper.release_gradients()
-            grads = None  # type: ignore[assignment]  # with the .grad views gone, the batched gradients are freed before the next step's
-
-    def _stacked_optimizer(
-        self, stacked: Optional[StackedShadows], candidates: list["_Candidate"]
-    ) -> Optional[StackedOptimizer]:
-        """One optimizer step for the whole stack, or None: without a stack, with gradient clipping (per candidate), or
-        for an optimizer whose step is not linear in the learning rate (said at info level)."""
-        if stacked is None or any(c.clips for c in candidates):
-            return None
-        try:
-            return StackedOptimizer(stacked, [o for c in candidates for o in c.optimizers])
-        except NotVectorizable as error:
-            if not self._said_why_optimizers_step_apart:  # once, not at every restack
-                rank_zero_info(f"ChaosLRFinder: stepping the candidates' optimizers one at a time: {error}.")
-                self._said_why_optimizers_step_apart = True
-            return None
-
-    def _stack_candidates(self, candidates: list["_Candidate"], names: list[str]) -> Optional[StackedShadows]:
-        """The candidates' references and shadows as views into stacked tensors, or None (said at info level) when
-        the module cannot be stacked: an odd module must not stop the sweep."""
-        members = [m for c in candidates for m in c.reference.shadows + c.shadows.shadows]
-        try:
-            return StackedShadows(members, names, stacks_the_reference=True)
-        except Exception as error:
-            self._stack = False
-            rank_zero_info(f"ChaosLRFinder: training the candidates one at a time: {error!r}.")
-            return None
-
-    def _summarise(self, runs: dict[float, list[_Run]]) -> ChaosLRFinderResult:
-        lrs = sorted(runs)
-        table = torch.tensor([[run.exponent for run in runs[lr]] for lr in lrs], dtype=torch.float64)
-        ratios = torch.tensor([[run.loss_ratio for run in runs[lr]] for lr in lrs], dtype=torch.float64)
-        learned = torch.tensor([[run.learning for run in runs[lr]] for lr in lrs])
-        losses = torch.stack([torch.stack([run.losses for run in runs[lr]]).mean(0) for lr in lrs])
-        chaotic = chaotic_mask(table, self.steps_per_lr, rule=self.rule)
-        sensitive_fraction = chaotic.double().mean(1)
-        learning = learned.double().mean(1) >= 0.5
-        lr_tensor = torch.tensor(lrs, dtype=torch.float64)
-        exponents = table.nanmean(1)
-        suggestion, onset, reason = edge_of_chaos_suggestion(
-            lr_tensor, sensitive_fraction, learning, exponents, self._onset_margin
-        )
-        loss_ratio = ratios.nanmean(1)
-        by_trainability, edge, edge_reason = trainability_edge_suggestion(
-            lr_tensor, loss_ratio, learning, self._edge_margin
-        )
-        if self.anchor == "trainability":
-            suggestion, reason = by_trainability, edge_reason
-        return ChaosLRFinderResult(
-            lrs=lr_tensor,
-            exponents=exponents,
-            sensitive_fraction=sensitive_fraction,
-            learning=learning,
-            suggestion=suggestion,
-            onset=onset,
-            exponents_per_init=table,
-            loss_ratio=loss_ratio,
-            steps_per_lr=self.steps_per_lr,
-            rule=self.rule,
-            reason=reason,
-            learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
-            trainability_edge=edge,
-            anchor=self.anchor,
-            margin=self._edge_margin if self.anchor == "trainability" else self._onset_margin,
-            losses=losses,
-            model_steps=sum(run.model_steps for lr in lrs for run in runs[lr]),
-        )
-
     # -- data, initialisations, LR attribute ------------------------------------------------------------------------
 
     def _collect_batches(self, trainer: Trainer, pl_module: LightningModule) -> list[Any]:
@@ -716,6 +387,9 @@ class ChaosLRFinder(Callback):
         setting the fit loop's data up here would move its RNG draws inside the sweep's isolated RNG. A loader's
         own generators (``DataLoader(generator=...)``, a sampler's) are put back afterwards, so the training that
         follows sees the batches it would have seen without the sweep.
+
+        Split across processes, every rank trains on rank 0's batches (broadcast before they go to each rank's
+        device): the candidates that different ranks train are compared on the same data, as in one process.
         """
         wanted = self.steps_per_lr * trainer.accumulate_grad_batches
         dataloaders = trainer.fit_loop._data_source.dataloader()
@@ -732,8 +406,7 @@ class ChaosLRFinder(Callback):
                     if index >= per_pass:  # the Trainer's limit_train_batches: cycle through the batches it allows
                         break
                     batch = trainer.precision_plugin.convert_input(batch)
-                    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-                    batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
+                    batches.append(pl_module._on_before_batch_transfer(batch, dataloader_idx=0))
                     if len(batches) == wanted:
                         break
                 if len(batches) == before:
@@ -741,23 +414,9 @@ class ChaosLRFinder(Callback):
         finally:
             for generator, state in zip(generators, saved):
                 generator.set_state(state)
-        return batches
-
-    def _initial_states(self, pl_module: LightningModule) -> list[Optional[dict[str, Tensor]]]:
-        states: list[Optional[dict[str, Tensor]]] = [None]  # None: the model as given
-        if self.num_inits == 1:
-            return states
-        scratch = make_shadow_module(pl_module)
-        for index in range(1, self.num_inits):
-            torch.manual_seed(self.seed + 1000 + index)
-            if callable(getattr(scratch, "reset_parameters", None)):
-                scratch.reset_parameters()  # type: ignore[operator]  # nn.Module.__getattr__ types it a Tensor
-            else:
-                for module in scratch.modules():
-                    if module is not scratch and callable(getattr(module, "reset_parameters", None)):
-                        module.reset_parameters()  # type: ignore[operator]
-            states.append({k: v.clone() for k, v in scratch.state_dict().items()})
-        return states
+        if trainer.world_size > 1:
+            batches = trainer.strategy.broadcast(batches, src=0)
+        return [trainer.strategy.batch_to_device(batch, dataloader_idx=0) for batch in batches]
 
     def _lr_attribute(self, pl_module: LightningModule) -> str:
         try:
@@ -807,9 +466,10 @@ class ChaosLRFinder(Callback):
             else:
                 where = "still learning there" if result.learning_at_onset else "where learning also fails"
                 found, other = f"onset of chaos at lr={result.onset:.3g} ({where})", ""
+            what = "" if result.swept == "the learning rate" else f" (swept: {result.swept})"
             rank_zero_info(
-                f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g}, {result.margin:g}x below it{other}"
-                f" ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
+                f"ChaosLRFinder: {found}; suggested lr={result.suggestion:.3g}{what}, {result.margin:g}x below"
+                f" it{other} ({len(result.lrs)} learning rates, {result.seconds:.1f} s)."
             )
         if not trainer.is_global_zero:
             return
@@ -823,146 +483,15 @@ def auto_margin(optimizer: Optimizer) -> float:
     return ADAPTIVE_MARGIN if isinstance(optimizer, ADAPTIVE_OPTIMIZERS) else MARGIN
 
 
-class _Candidate:
-    """One η of the sweep: a reference run and its shadows, their losses, and the Benettin bookkeeping."""
-
-    def __init__(
-        self, reference: ShadowEnsemble, shadows: ShadowEnsemble, clip_val: Optional[float], clip_algorithm: Optional[str]
-    ) -> None:
-        self.reference, self.shadows = reference, shadows
-        self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
-        self.reference_clip = reference.gradient_clipper(clip_val, clip_algorithm)
-        self.shadow_clip = shadows.gradient_clipper(clip_val, clip_algorithm)
-        self.losses: list[Tensor] = []
-        self.steps = 0
-        self.transient = torch.zeros(len(shadows.shadows), device=reference.real_params[0].device)
-        self.done = False
-
-    def forward_backward(
-        self, batch: Any, batch_idx: int, rng_state: Any, device: torch.device, accumulate: int, step_context: Any
-    ) -> Optional[Tensor]:
-        """The reference's and the shadows' training_step and backward on one batch; the reference's loss."""
-        loss = self.reference.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)[0]
-        self.shadows.forward_backward(batch, batch_idx, rng_state, device, accumulate, step_context)
-        return loss
-
-    def context(self, batch_idx: int, accumulate: int, step_context: Any) -> BatchContext:
-        return BatchContext(
-            batch_idx=batch_idx,
-            epoch=0,
-            global_step=self.steps,
-            accumulate_grad_batches=accumulate,
-            optimizer_steps=(batch_idx + 1) % accumulate == 0,
-            step_context=step_context,
-            clip_val=self.clip_val,
-            clip_algorithm=self.clip_algorithm,
-        )
-
-    def run_batch(self, batch: Any, context: BatchContext, rng_state: Any, device: torch.device) -> Optional[Tensor]:
-        """The reference's and the shadows' whole batch through the module's own hooks and ``optimizer_step``
-        (:mod:`lightning_chaos.mirror`: closure optimizers, a warm-up in ``optimizer_step``, gradient hooks);
-        the reference's training loss."""
-        self.reference.run_batch(batch, context, rng_state, device, follow_outside=False)
-        self.shadows.run_batch(batch, context, rng_state, device, follow_outside=False)
-        loss = self.reference.last_losses[0]
-        return None if loss is None else loss * context.accumulate_grad_batches
-
-    @property
-    def optimizers(self) -> list[Optimizer]:
-        """The reference's and the shadows' optimizers, in the stack's row order."""
-        return [*self.reference.optimizers, *self.shadows.optimizers]
-
-    @property
-    def clips(self) -> bool:
-        return self.reference_clip is not None
-
-    def step(self, loss: Optional[Tensor], renormalize_every: int, optimizers_stepped: bool = False) -> bool:
-        """The optimizer steps after a backward (unless a stacked optimizer made them), the pull-back every period;
-        True once the run diverged."""
-        if not optimizers_stepped:  # a fixed η, set once: re-setting the groups would undo an adaptive optimizer's own
-            self.reference.optimizer_step(None, self.reference_clip)
-            self.shadows.optimizer_step(None, self.shadow_clip)
-        self.steps += 1
-        if self.steps % renormalize_every == 0:  # distances are needed only at pull-backs and at the end
-            self.shadows.pull_back(self.shadows.distances())
-            if self.steps == renormalize_every:  # the first period aligns the separation: leave it out
-                self.transient = self.shadows.log_growth_sum.clone()
-        if loss is not None:
-            self.losses.append(loss)
-        if self.steps % _DIVERGENCE_CHECK_EVERY == 0 and self.losses and self._diverged():
-            self.done = True
-        return self.done
-
-    def release_gradients(self) -> None:
-        """Drop the ``.grad`` views after the optimizer steps: they would keep this step's batched gradients of every
-        candidate alive through the next step's forward and backward, doubling the gradients' peak memory."""
-        for params in self.reference.shadow_params + self.shadows.shadow_params:
-            for parameter in params:
-                parameter.grad = None
-
-    @torch.no_grad()
-    def detach_from_stack(self) -> None:
-        """Give a finished run's tensors their own storage: as views into a stack they would keep the whole stack
-        (every other candidate's rows) alive after the others moved on to a smaller one."""
-        self.release_gradients()
-        for module in self.reference.shadows + self.shadows.shadows:
-            for tensor in (*module.parameters(), *module.buffers()):
-                tensor.data = tensor.data.clone()
-
-    def _diverged(self) -> bool:
-        first, last = self.losses[0].item(), self.losses[-1].item()
-        return not math.isfinite(last) or abs(last) > _DIVERGENCE_LOSS_FACTOR * abs(first) + 1e-12
-
-    def result(self, planned_steps: int, renormalize_every: int, accumulate: int = 1) -> _Run:
-        """Λ, loss ratio, learning and the loss curve of this η."""
-        steps, shadows = self.steps, self.shadows
-        pulled_back = steps % renormalize_every == 0
-        growth = shadows.log_growth(shadows.distances(), renormalized=True, pulled_back=pulled_back)
-        if steps > renormalize_every:
-            growth, measured = growth - self.transient.to(growth), steps - renormalize_every
-        else:
-            measured = steps
-        exponent = benettin_exponent(growth.double().cpu(), measured).nanmean().item()
-        loss_values = torch.stack(self.losses).double().cpu() if self.losses else torch.tensor([math.nan])
-        head = loss_values[0]  # the loss at the initial parameters: the same for every η
-        tail = loss_values[-max(1, len(loss_values) // 4) :].mean()
-        # tail / head for a positive initial loss; measured against |head| so that below 1 means "fell" for any sign
-        ratio = (1 - (head - tail) / head.abs().clamp_min(torch.finfo(torch.float64).tiny)).item()
-        diverged = steps < planned_steps or not torch.isfinite(loss_values).all()
-        learning = not diverged and ratio < _LEARNING_LOSS_RATIO
-        curve = torch.full((planned_steps,), math.nan, dtype=torch.float64)
-        curve[: len(self.losses)] = loss_values[:planned_steps] if self.losses else curve[:0]
-        return _Run(exponent, ratio, learning, curve, steps * accumulate * (1 + len(shadows.shadows)))
+def _advance(progress: Any) -> None:
+    progress.update(1)
 
 
-
-def _reset_state(optimizer: Optimizer) -> None:
-    """The state a freshly built optimizer of this class has: empty for most, but Adagrad makes its accumulators in
-    ``__init__`` (and before torch 2.13 its step fails without them). Built over the same param groups; an optimizer
-    that cannot be rebuilt from them (required arguments beyond the groups) is left with an empty state."""
-    optimizer.state.clear()
-    try:
-        fresh = build_like(optimizer, [dict(group) for group in optimizer.param_groups])
-    except Exception:  # a custom optimizer's constructor: fresh state is what its step makes of none
-        return
-    optimizer.state.update(fresh.state)
-
-
-def _unscheduled_lr(group: dict[str, Any]) -> float:
-    """A param group's LR without its scheduler's current factor: OneCycleLR's peak (``max_lr``), another scheduler's
-    ``initial_lr``, else ``lr``. Under a warm-up, ``lr`` at fit start is a fraction of the LR the user set."""
-    for key in ("max_lr", "initial_lr", "lr"):
-        if key in group:
-            return float(group[key])
-    raise KeyError("the optimizer's param group has no `lr`")
-
-
-def _mean_loss(losses: list[Optional[Tensor]]) -> Optional[Tensor]:
-    """The loss of one optimizer step: the mean over its batches (None where ``training_step`` skipped one)."""
-    kept = [loss for loss in losses if loss is not None]
-    if len(kept) <= 1:
-        return kept[0] if kept else None
-    return torch.stack(kept).mean()
+def _all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (an all-gather of picklable objects in the default process group)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _generators_of(loaders: list[Any]) -> list[torch.Generator]:

@@ -5,6 +5,7 @@
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -19,13 +20,17 @@ from lightning_chaos import ChaosProbe, TangentProbe, find_chaos_lr  # noqa: E40
 class HalvesDataModule(L.LightningDataModule):
     """Every other sample per rank, in order: Lightning's injected DistributedSampler would shuffle."""
 
-    def __init__(self, num_processes: int) -> None:
+    def __init__(self, num_processes: int, rank: Optional[int] = None) -> None:
         super().__init__()
-        self.num_processes = num_processes
+        self.num_processes, self.rank = num_processes, rank
 
     def train_dataloader(self) -> DataLoader:
         data = random_classification()
-        sampler = DistributedSampler(data, shuffle=False) if self.num_processes > 1 else None
+        sampler = None
+        if self.rank is not None:  # one process given one rank's half, as that rank would see it
+            sampler = DistributedSampler(data, num_replicas=self.num_processes, rank=self.rank, shuffle=False)
+        elif self.num_processes > 1:
+            sampler = DistributedSampler(data, shuffle=False)
         return DataLoader(data, batch_size=32 // self.num_processes, sampler=sampler, shuffle=False)
 
 
@@ -58,14 +63,31 @@ def main(out: Path, num_processes: int) -> None:
 
 
 def finder(out: Path, num_processes: int) -> None:
-    """The chaos LR sweep under DDP: every rank must end with rank 0's suggestion."""
-    L.seed_everything(17, verbose=False)
-    model = DropoutMLP(dropout=0.0)
-    trainer = L.Trainer(accelerator="cpu", devices=num_processes, strategy="ddp", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    result = find_chaos_lr(trainer, model, datamodule=HalvesDataModule(num_processes), min_lr=0.01, max_lr=100.0,
-                           num_lrs=4, steps_per_lr=10, refine=0)
-    torch.save({"suggestion": result.suggestion, "lr": model.lr}, out / f"finder_rank{trainer.global_rank}.pt")
+    """The chaos LR sweep split across DDP processes, stacked and one candidate at a time; with one process, the same
+    sweeps on the batches rank 0 of two would see (the split sweep trains every candidate on rank 0's batches)."""
+    import lightning_chaos.sweep as sweep_module
+
+    trained: list[float] = []
+    train = sweep_module.LRSweep._train
+
+    def recording(self, lrs):  # type: ignore[no-untyped-def]
+        trained.extend(lrs)
+        return train(self, lrs)
+
+    sweep_module.LRSweep._train = recording  # type: ignore[method-assign]
+    saved = {}
+    for vectorize in (True, False):
+        trained.clear()
+        L.seed_everything(17, verbose=False)
+        model = DropoutMLP(dropout=0.1)
+        trainer = L.Trainer(accelerator="cpu", devices=num_processes, strategy="ddp" if num_processes > 1 else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, precision="64-true")
+        datamodule = HalvesDataModule(2, rank=None if num_processes > 1 else 0)
+        result = find_chaos_lr(trainer, model, datamodule=datamodule, min_lr=0.01, max_lr=100.0, num_lrs=7,
+                               steps_per_lr=12, refine=3, vectorize=vectorize)
+        saved[vectorize] = {"result": result, "lr": model.lr, "trained": list(trained)}
+    torch.save(saved, out / f"finder{num_processes}_rank{trainer.global_rank}.pt")
 
 
 def tangent(out: Path, num_processes: int) -> None:

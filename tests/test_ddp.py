@@ -36,13 +36,30 @@ def test_ddp_halves_match_a_single_process_on_whole_batches(tmp_path):
     torch.testing.assert_close(rank0["real"], single["real"], rtol=1e-12, atol=1e-14)
 
 
-def test_ddp_finder_gives_every_rank_the_same_suggestion(tmp_path):
+def test_ddp_splits_the_finders_candidates_and_every_rank_gets_one_process_result(tmp_path):
+    """Two processes each train about half of every grid (coarse and refined), on rank 0's batches, and gather: both
+    ranks hold the same result, the one a single process makes on those batches, stacked or one at a time."""
     run(tmp_path, 2, "finder")
-    rank0 = torch.load(tmp_path / "finder_rank0.pt")
-    rank1 = torch.load(tmp_path / "finder_rank1.pt")
-    assert rank0["suggestion"] is not None
-    assert rank0 == rank1
-    assert rank0["lr"] == rank0["suggestion"]
+    run(tmp_path, 1, "finder")
+    rank0, rank1, single = (torch.load(tmp_path / name, weights_only=False)  # our own results, not a checkpoint
+                            for name in ("finder2_rank0.pt", "finder2_rank1.pt", "finder1_rank0.pt"))
+    for vectorize in (True, False):
+        a, b, one = rank0[vectorize], rank1[vectorize], single[vectorize]
+        assert a["result"].suggestion is not None and a["lr"] == b["lr"] == a["result"].suggestion
+        for name in ("lrs", "exponents", "loss_ratio", "losses", "learning"):
+            torch.testing.assert_close(getattr(a["result"], name), getattr(b["result"], name), rtol=0, atol=0,
+                                       equal_nan=True)
+        # the split: disjoint shares that cover the grid, about half each
+        assert not set(a["trained"]) & set(b["trained"])
+        assert sorted(a["trained"] + b["trained"]) == sorted(one["trained"]) or not vectorize
+        assert abs(len(a["trained"]) - len(b["trained"])) <= 2 and len(a["trained"]) >= 4
+        # the result is one process's on rank 0's batches
+        assert torch.equal(a["result"].lrs, one["result"].lrs)
+        assert a["result"].suggestion == pytest.approx(one["result"].suggestion, rel=1e-12)
+        for name in ("exponents", "loss_ratio", "losses"):
+            torch.testing.assert_close(getattr(a["result"], name), getattr(one["result"], name), rtol=1e-9,
+                                       atol=1e-12, equal_nan=True)
+        assert a["result"].model_steps == one["result"].model_steps
 
 
 def test_ddp_tangents_are_reduced_like_the_gradients(tmp_path):

@@ -24,6 +24,7 @@ from lightning_chaos.finder import ChaosLRFinderResult
 from lightning_chaos.functional.onset import (
     chaotic_mask,
     edge_of_chaos_suggestion,
+    learning_band,
     learns_well_threshold,
     onset_index,
     trainability_edge_suggestion,
@@ -540,7 +541,7 @@ def test_stacked_optimizer_steps_adam_candidates_as_their_own_optimizers_would(c
     η = 1 here, Λ ≈ 0.6 per step amplifies the two ways' different rounding, ~1 ulp per step, into another
     realisation of the chaotic trajectory: Λ there differed by 15 %, as between two runs on different hardware.)"""
     pytest.importorskip("sklearn")
-    import lightning_chaos.finder as finder_module
+    import lightning_chaos.sweep as sweep_module
     from lightning_chaos.demo import MLPClassifier
 
     class AdamMLP(MLPClassifier):
@@ -548,14 +549,14 @@ def test_stacked_optimizer_steps_adam_candidates_as_their_own_optimizers_would(c
             return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=1e-4)
 
     steps = []
-    original = finder_module.StackedOptimizer.step
+    original = sweep_module.StackedOptimizer.step
 
     def counting_step(self):
         steps.append(self.rows)
         original(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finder_module.StackedOptimizer, "step", counting_step)
+        patch.setattr(sweep_module.StackedOptimizer, "step", counting_step)
         stacked = _digits_sweep(AdamMLP, True, min_lr=1e-4, max_lr=1.0)
     sequential = _digits_sweep(AdamMLP, False, min_lr=1e-4, max_lr=1.0)
     assert steps and steps[0] == 5 * 2  # every coarse candidate's reference and shadow in one step
@@ -586,17 +587,17 @@ def test_diverged_candidates_leave_the_stack(monkeypatch):
     """The issue's "stop diverged candidates early" in the stacked sweep: after a divergence the remaining candidates
     train in a smaller vmap, and the exponents are those of the candidates run one at a time."""
     pytest.importorskip("sklearn")
-    import lightning_chaos.finder as finder_module
+    import lightning_chaos.sweep as sweep_module
     from lightning_chaos.demo import MLPClassifier
 
     sizes = []
 
-    class RecordingStack(finder_module.StackedShadows):
+    class RecordingStack(sweep_module.StackedShadows):
         def __init__(self, shadows, *args, **kwargs):
             sizes.append(len(shadows))
             super().__init__(shadows, *args, **kwargs)
 
-    monkeypatch.setattr(finder_module, "StackedShadows", RecordingStack)
+    monkeypatch.setattr(sweep_module, "StackedShadows", RecordingStack)
     stacked = _digits_sweep(MLPClassifier, True)
     sequential = _digits_sweep(MLPClassifier, False)
     diverged = int((~torch.isfinite(stacked.loss_ratio) | (stacked.loss_ratio > 10)).sum())
@@ -612,19 +613,19 @@ def test_diverged_candidates_leave_the_stack(monkeypatch):
 def test_a_diverged_candidate_keeps_no_old_stack_alive(monkeypatch):
     """After restacks, the candidates' parameters hold only their own bytes, not the stacks they left."""
     pytest.importorskip("sklearn")
-    import lightning_chaos.finder as finder_module
+    import lightning_chaos.sweep as sweep_module
     from lightning_chaos.demo import MLPClassifier
 
     held = []
-    train_grid = finder_module.ChaosLRFinder._train_stacked
+    train_grid = sweep_module.LRSweep._train_stacked
 
-    def recording(self, pl_module, candidates, *args, **kwargs):
-        train_grid(self, pl_module, candidates, *args, **kwargs)
+    def recording(self, candidates):
+        train_grid(self, candidates)
         tensors = [p for c in candidates for m in c.reference.shadows + c.shadows.shadows for p in m.parameters()]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         held.append((sum(storages.values()), sum(t.numel() * t.element_size() for t in tensors)))
 
-    monkeypatch.setattr(finder_module.ChaosLRFinder, "_train_stacked", recording)
+    monkeypatch.setattr(sweep_module.LRSweep, "_train_stacked", recording)
     _digits_sweep(MLPClassifier, True)
     assert held and all(storage == own for storage, own in held), held
 
@@ -634,12 +635,12 @@ def test_a_stacked_step_frees_the_previous_steps_batched_gradients(monkeypatch):
     pytest.importorskip("sklearn")
     import weakref
 
-    import lightning_chaos.finder as finder_module
+    import lightning_chaos.sweep as sweep_module
     from lightning_chaos.demo import MLPClassifier
 
     previous: list[weakref.ref] = []
     alive_at_step: list[int] = []
-    forward_backward = finder_module.StackedShadows.forward_backward
+    forward_backward = sweep_module.StackedShadows.forward_backward
 
     def recording(self, *args, **kwargs):
         alive_at_step.append(sum(ref() is not None for ref in previous))
@@ -647,7 +648,7 @@ def test_a_stacked_step_frees_the_previous_steps_batched_gradients(monkeypatch):
         previous[:] = [weakref.ref(grad) for grad in grads if grad is not None]
         return losses, grads
 
-    monkeypatch.setattr(finder_module.StackedShadows, "forward_backward", recording)
+    monkeypatch.setattr(sweep_module.StackedShadows, "forward_backward", recording)
     _digits_sweep(MLPClassifier, True)
     assert len(alive_at_step) > 10 and previous
     assert alive_at_step == [0] * len(alive_at_step)
@@ -827,6 +828,18 @@ def test_trainability_edge_is_the_largest_learning_rate_that_learns_well():
         trainability_edge_suggestion(lrs, torch.ones(4), torch.ones(4) > 0, tolerance=0.8)
 
 
+def test_the_learning_band_runs_from_the_smallest_to_the_largest_learning_rate_that_learns_well():
+    lrs = torch.tensor([0.001, 0.01, 0.1, 1.0, 10.0], dtype=torch.float64)
+    learning = torch.tensor([True, True, True, True, False])
+    assert learning_band(lrs, torch.tensor([0.9, 0.36, 0.3, 0.35, math.nan]), learning) == (0.01, 1.0)
+    # a hole inside the band does not cut it; a diverged η never counts, nor one that does not learn
+    assert learning_band(lrs, torch.tensor([0.3, 0.9, 0.3, 0.3, 0.3]), learning) == (0.001, 1.0)
+    assert learning_band(lrs, torch.tensor([0.3, 0.31, 0.32, 0.33, 0.2]), learning, tolerance=1.1) == (0.001, 1.0)
+    assert learning_band(lrs, torch.ones(5), torch.zeros(5) > 0) is None
+    with pytest.raises(ValueError, match="`tolerance` must be >= 1"):
+        learning_band(lrs, torch.ones(5), learning, tolerance=0.5)
+
+
 def test_learns_well_threshold_is_a_factor_above_a_positive_best_and_a_distance_above_a_negative_one():
     assert learns_well_threshold(0.2) == pytest.approx(0.25)
     assert learns_well_threshold(-0.4) == pytest.approx(-0.3)
@@ -905,19 +918,19 @@ def test_an_optimizer_not_linear_in_the_lr_steps_per_candidate_and_says_why_once
 def test_every_candidate_starts_from_the_state_a_fresh_optimizer_has():
     """Adagrad makes its accumulators when built (torch before 2.13 cannot step without them): a candidate's reset
     optimizer holds them at initial_accumulator_value, and nothing of the user's optimizer state."""
-    from lightning_chaos.finder import _reset_state
+    from lightning_chaos.sweep import reset_state
 
     parameter = nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adagrad([parameter], lr=0.1, initial_accumulator_value=0.7)
     parameter.grad = torch.full((3,), 2.0)
     optimizer.step()
     assert optimizer.state[parameter]["sum"][0] == pytest.approx(4.7)
-    _reset_state(optimizer)
+    reset_state(optimizer)
     assert optimizer.state[parameter]["sum"].tolist() == pytest.approx([0.7] * 3)
     assert optimizer.state[parameter]["step"] == 0
     momentum = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
     momentum.step()
-    _reset_state(momentum)
+    reset_state(momentum)
     assert not momentum.state
 
 
@@ -958,3 +971,44 @@ def test_closure_and_mode_optimizers_are_swept_without_error(optimizer):
                            train_dataloaders=DataLoader(random_classification(), batch_size=16),
                            min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, num_shadows=1)
     assert len(result.lrs) >= 3 and torch.isfinite(torch.as_tensor(result.exponents)).any()
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadaptation"])
+def test_an_optimizer_that_estimates_its_step_size_is_swept_by_its_multiplier_and_says_so(name, caplog):
+    """Prodigy's and D-Adaptation's ``lr`` multiplies the step size d they estimate: the sweep scales that multiplier
+    (each candidate's ``lr`` is its η, and d is estimated afresh per candidate), and the result and the log say so."""
+    package = pytest.importorskip("prodigyopt" if name == "prodigy" else "dadaptation")
+    build = package.Prodigy if name == "prodigy" else package.DAdaptAdam
+    seen: list[tuple[float, float]] = []
+
+    class Model(DropoutMLP):
+        def configure_optimizers(self):
+            return build(self.parameters(), lr=self.lr)
+
+    import lightning_chaos.sweep as sweep_module
+
+    step = sweep_module.Candidate.step
+
+    def recording(self, *args, **kwargs):
+        group = self.reference.optimizers[0].param_groups[0]
+        seen.append((group["lr"], group["d"]))
+        return step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO):
+        patch.setattr(sweep_module.Candidate, "step", recording)
+        result = find_chaos_lr(quiet_trainer(max_epochs=1), Model(dropout=0.0, lr=1.0),
+                               train_dataloaders=DataLoader(random_classification(), batch_size=16),
+                               min_lr=0.01, max_lr=10.0, num_lrs=3, steps_per_lr=10, refine=0)
+    assert result.swept.startswith(f"the `lr` of {build.__name__}, a multiplier") and "estimates" in result.swept
+    assert result.suggestion is None or "(swept: the `lr` of" in caplog.text
+    assert sorted({lr for lr, _ in seen}) == pytest.approx(result.lrs.tolist())  # the multipliers themselves
+    middle = sorted({lr for lr, _ in seen})[1]
+    estimates = [d for lr, d in seen if lr == middle]
+    assert len(estimates) == 10 and estimates[-1] > 10 * estimates[0]  # each candidate estimates its own d afresh
+
+
+def test_a_plain_optimizer_sweeps_the_learning_rate():
+    result = find_chaos_lr(quiet_trainer(max_epochs=1), DropoutMLP(dropout=0.0),
+                           train_dataloaders=DataLoader(random_classification(), batch_size=16),
+                           min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0)
+    assert result.swept == "the learning rate"

@@ -166,6 +166,34 @@ def edge_of_chaos_suggestion(
     return onset / margin, onset, ""
 
 
+def past_the_edge(exponents: Tensor, learned: Tensor, steps: int, rule: str = "efold") -> bool:
+    """Whether a sweep trained in increasing η is past its edge: its latest η is chaotic (ρ ≥ ½ by ``rule``) and no
+    longer learns (by majority), after some smaller η learned. Larger η then only fail faster.
+
+    Args:
+        exponents: Λ per η (increasing) and initialisation, [num_lrs, num_inits].
+        learned: whether each run learned, the same shape.
+        steps: the optimizer steps each Λ was measured over.
+        rule: the onset rule (:func:`chaotic_mask`).
+    """
+    learning = torch.as_tensor(learned, dtype=torch.float64).mean(1) >= 0.5
+    if bool(learning[-1]) or not bool(learning.any()):
+        return False
+    return bool(chaotic_mask(exponents, steps, rule=rule)[-1].double().mean() >= 0.5)
+
+
+def refinement_bracket(lrs: Tensor, anchor: Optional[float], below: bool) -> Optional[tuple[float, float]]:
+    """The grid interval next to ``anchor`` worth refining: the one just below it (``below``, the onset of chaos,
+    which is the first chaotic η) or just above it (the top of the learning band, the last η that learns well).
+    None without an anchor or when it is the grid's end on that side."""
+    lrs = torch.as_tensor(lrs, dtype=torch.float64)
+    if anchor is None:
+        return None
+    if below:
+        return None if anchor <= lrs[0].item() else (lrs[lrs < anchor][-1].item(), anchor)
+    return None if anchor >= lrs[-1].item() else (anchor, lrs[lrs > anchor][0].item())
+
+
 LEARNS_WELL_TOLERANCE = 1.25  # trainability_edge_suggestion's default: "learns well" = within 1.25x the best loss ratio
 
 
@@ -173,6 +201,41 @@ def learns_well_threshold(best_ratio: float, tolerance: float = LEARNS_WELL_TOLE
     """The largest loss ratio that still "learns well": ``tolerance`` × the best ratio for a positive best, and the
     same distance above it, (``tolerance`` − 1)·|best|, when the loss crossed zero (best ≤ 0)."""
     return best_ratio + (tolerance - 1) * abs(best_ratio)
+
+
+def learning_band(
+    lrs: Tensor, loss_ratio: Tensor, learning: Tensor, tolerance: float = LEARNS_WELL_TOLERANCE
+) -> Optional[tuple[float, float]]:
+    """The smallest and the largest η that learn *well*: that learn, and whose loss ratio is within ``tolerance`` ×
+    the sweep's best (the same distance above it when the best is ≤ 0; :func:`learns_well_threshold`).
+
+    The range for a cyclic schedule: ``CyclicLR(base_lr=low, max_lr=high)`` cycles through η that all learned within
+    ``tolerance`` of the best over the sweep's window, and ``OneCycleLR(max_lr=high)`` peaks at the largest η that
+    still did at a constant rate (its warm-up and annealing spend most steps below it). Between the two ends an η may
+    learn less well (a band with a hole); the ends are read off the grid, so they are as fine as the grid there (the
+    finder refines it just above the top, not at the bottom).
+
+    Args:
+        lrs: the swept η, increasing.
+        loss_ratio: the loss ratio per η (NaN for a diverged run).
+        learning: whether the reference run still learned at each η.
+        tolerance: how much worse than the best loss ratio still counts as learning well (≥ 1).
+
+    Returns:
+        ``(low, high)``, or None when nothing learns.
+
+    Raises:
+        ValueError: for a ``tolerance`` below 1.
+    """
+    if not tolerance >= 1:
+        raise ValueError(f"`tolerance` must be >= 1, got {tolerance!r}")
+    lrs = torch.as_tensor(lrs, dtype=torch.float64)
+    loss_ratio = torch.as_tensor(loss_ratio, dtype=torch.float64)
+    learning = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(loss_ratio)
+    if not learning.any():
+        return None
+    well = (learning & (loss_ratio <= learns_well_threshold(loss_ratio[learning].min().item(), tolerance))).nonzero()
+    return lrs[int(well[0, 0])].item(), lrs[int(well[-1, 0])].item()
 
 
 def trainability_edge_suggestion(
@@ -232,14 +295,11 @@ def trainability_edge_suggestion(
     if not margin >= 1 or not tolerance >= 1:
         raise ValueError(f"`margin` and `tolerance` must be >= 1, got {margin!r} and {tolerance!r}")
     lrs = torch.as_tensor(lrs, dtype=torch.float64)
-    loss_ratio = torch.as_tensor(loss_ratio, dtype=torch.float64)
-    learning = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(loss_ratio)
-    if not learning.any():
+    band = learning_band(lrs, loss_ratio, learning, tolerance)
+    if band is None:
         return None, None, _NOTHING_LEARNED
-    well = learning & (loss_ratio <= learns_well_threshold(loss_ratio[learning].min().item(), tolerance))
-    index = int(well.nonzero()[-1, 0])
-    edge = lrs[index].item()
-    if index == len(lrs) - 1:
+    edge = band[1]
+    if edge == lrs[-1].item():
         return None, edge, (
             f"the network still learns well at max_lr={edge:.3g}: widen the grid with a larger `max_lr`"
         )
