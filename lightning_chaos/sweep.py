@@ -27,6 +27,7 @@ from lightning_chaos.functional.onset import (
     LEARNS_WELL_TOLERANCE,
     chaotic_mask,
     edge_of_chaos_suggestion,
+    learning_band,
     learns_well_threshold,
     past_the_edge,
     trainability_edge_suggestion,
@@ -81,6 +82,9 @@ class ChaosLRFinderResult:
             the edge of chaos.
         trainability_edge: the largest η that still learns well (see
             :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
+        lr_range: ``(low, high)``, the smallest and the largest η that learn well
+            (:func:`~lightning_chaos.functional.onset.learning_band`), for ``CyclicLR(base_lr=low, max_lr=high)`` or
+            ``OneCycleLR(max_lr=high)``; None when nothing learns or the band reaches ``max_lr``.
         anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
         margin: the factor the suggestion stepped back from its anchor by (``margin="auto"`` resolved).
         seconds: wall time of the sweep.
@@ -105,6 +109,7 @@ class ChaosLRFinderResult:
     reason: str = ""
     learning_at_onset: Optional[bool] = None
     trainability_edge: Optional[float] = None
+    lr_range: Optional[tuple[float, float]] = None
     anchor: str = "trainability"
     margin: float = MARGIN
     seconds: float = 0.0
@@ -170,6 +175,9 @@ class ChaosLRFinderResult:
             loss_ax.legend(loc="upper left", fontsize=7)
         for panel in panels:
             labelled = panel is ax
+            if self.lr_range is not None:
+                panel.axvspan(*self.lr_range, color="tab:purple", alpha=0.07,
+                              label=f"lr_range {self.lr_range[0]:.3g} to {self.lr_range[1]:.3g}" if labelled else None)
             if self.onset is not None:
                 panel.axvline(self.onset, color="tab:orange", ls="--", lw=1,
                               label=f"onset η* = {self.onset:.3g}" if labelled else None)
@@ -649,6 +657,7 @@ def summarise(
         reason=reason,
         learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
         trainability_edge=edge,
+        lr_range=None if edge is None or edge == lrs[-1] else learning_band(lr_tensor, loss_ratio, learning),
         anchor=anchor,
         margin=edge_margin if anchor == "trainability" else onset_margin,
         losses=losses,

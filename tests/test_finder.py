@@ -109,6 +109,8 @@ def test_default_anchor_on_the_quadratic_steps_back_from_the_exact_top_of_the_le
     edge = result.lrs[well].max().item()
     assert result.trainability_edge == edge
     assert result.suggestion == pytest.approx(edge / 1.5, rel=1e-12) and model.lr == result.suggestion
+    # the range for a cyclic schedule: from the smallest to the largest η that learns well, the exact band's ends
+    assert result.lr_range == (result.lrs[well].min().item(), edge) and result.lr_range[0] < result.suggestion
     # The four refined η lie just above the top of the coarse band, between it and the next coarse η.
     coarse = torch.logspace(math.log10(0.01), math.log10(2.0), 12, dtype=torch.float64)
     coarse_well = [lr for lr in coarse.tolist() if lr in result.lrs.tolist() and well[result.lrs.tolist().index(lr)]]
@@ -774,6 +776,7 @@ def test_missing_lr_attribute_is_reported_before_any_training():
     result = find_chaos_lr(quiet_trainer(max_steps=5, precision="64-true"), model, train_dataloaders=dummy_loader(5),
                            attr_name="step_size", min_lr=0.01, max_lr=0.5, num_lrs=3, steps_per_lr=10, refine=0)
     assert len(result.lrs) == 3
+    assert result.suggestion is None and result.lr_range is None  # it still learns well at max_lr: no top, no range
 
 
 def test_onset_rules_on_hand_made_sweeps():
