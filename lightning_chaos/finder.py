@@ -236,7 +236,6 @@ class ChaosLRFinder(Callback):
         self.vectorize = vectorize
         self.anchor = anchor
         self._stack = False
-        self._engine: Optional[LRSweep] = None  # the last sweep's engine
         self.result: Optional[ChaosLRFinderResult] = None
         self._early_exit = False
 
@@ -319,7 +318,6 @@ class ChaosLRFinder(Callback):
             gather=_all_gather_objects if world_size > 1 else None,
             on_trained=None if progress is None else lambda lr: _advance(progress),
         )
-        self._engine = engine
         coarse = torch.logspace(math.log10(self.min_lr), math.log10(self.max_lr), self.num_lrs, dtype=torch.float64)
         runs = engine.grid(coarse.tolist(), stop_past_the_edge=True, rule=self.rule)
         result = self._summarise(runs)
