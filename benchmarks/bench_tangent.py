@@ -7,7 +7,7 @@ process. A probe's *cost* is its median step time minus the unprobed one.
 Formula: a tangent costs one Hessian-vector product of the step's loss plus the optimizer's linearised update — the
 step's forward and a backward that keeps its graph (about one training step), then one more backward for all k
 tangents at once (``is_grads_batched``) — and holds one copy of the parameters and optimizer state per tangent, plus a
-QR of a [D, k] matrix per re-orthonormalisation (O(D k²)).
+QR of a [D, k] matrix per re-orthonormalisation (O(D k²); a norm for k = 1).
 
 Peak memory (``--memory``): each configuration trains in its own process and reports its peak resident set size
 (``ru_maxrss``); the probe's memory is that minus the plain run's.
@@ -15,7 +15,11 @@ Peak memory (``--memory``): each configuration trains in its own process and rep
 Models (``--model``): ``mlp``, the quickstart MLP; ``cnn``, ``lightning_chaos.demo.SmallCNN`` (two 3×3 convolutions,
 8 and 16 channels) on the same 8×8 digits.
 
-Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60] [--model cnn] [--memory]``; writes
+Clock (``--clock``): ``wall``, wall time between batch starts; ``cpu``, the main thread's CPU time over the same span
+(``time.thread_time``; with one torch thread and no loader workers all the work runs there), which leaves out the time
+the process waits for a core while other jobs share the machine.
+
+Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60] [--model cnn] [--clock cpu] [--memory]``; writes
 benchmarks/results/tangent_cpu.json (``tangent_<model>_cpu.json`` for another model, ``..._memory`` for memory).
 """
 
@@ -42,14 +46,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "tangent_cpu.json"
 WARMUP = 10
 
 
-class StepTimer(Callback):
-    """Wall time between consecutive batch starts: everything a training step costs, the probes' work included."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
-    def __init__(self) -> None:
+
+class StepTimer(Callback):
+    """Time between consecutive batch starts: everything a training step costs, the probes' work included."""
+
+    def __init__(self, clock: str = "wall") -> None:
         self.starts: list[float] = []
+        self.clock = CLOCKS[clock]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(self.clock())
 
 
 def configurations() -> dict:
@@ -65,9 +73,9 @@ MODELS = {"mlp": (MLPClassifier, "MLPClassifier 64-128-10 tanh, SGD, batch 64, s
           "cnn": (SmallCNN, "SmallCNN conv(1→8)-conv(8→16)-linear, ReLU, SGD, batch 64, sklearn digits 8×8")}
 
 
-def run_once(probes: list, steps: int, model: str = "mlp") -> float:
+def run_once(probes: list, steps: int, model: str = "mlp", clock: str = "wall") -> float:
     L.seed_everything(0, verbose=False)
-    timer = StepTimer()
+    timer = StepTimer(clock)
     trainer = L.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer, *probes])
@@ -81,12 +89,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--configs", help="comma-separated subset of the configurations (no file written)")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, one process each")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print its peak RSS
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     configs = configurations()
+    if args.configs:
+        configs = {name: configs[name] for name in ["none", *args.configs.split(",")] if name in configs}
     if args.one:
         run_once(configs[args.one](), args.steps, args.model)
         print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -109,17 +121,17 @@ def main(argv=None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, make in configs.items():
-            times[name].append(run_once(make(), args.steps, args.model))
+            times[name].append(run_once(make(), args.steps, args.model, args.clock))
     median = {name: statistics.median(values) for name, values in times.items()}
     cost = {name: median[name] - median["none"] for name in configs if name != "none"}
-    ratios = {
-        "tangent_k1_over_one_shadow": cost["tangent_k1"] / cost["chaos_k1"],
-        "tangent_k16_over_tangent_k1": cost["tangent_k16"] / cost["tangent_k1"],
-        "tangent_k4_over_tangent_k1": cost["tangent_k4"] / cost["tangent_k1"],
-    }
+    pairs = {"tangent_k1_over_one_shadow": ("tangent_k1", "chaos_k1"),
+             "tangent_k16_over_tangent_k1": ("tangent_k16", "tangent_k1"),
+             "tangent_k4_over_tangent_k1": ("tangent_k4", "tangent_k1")}
+    ratios = {name: cost[a] / cost[b] for name, (a, b) in pairs.items() if a in cost and b in cost}
     result = {
         "model": MODELS[args.model][1],
         "device": "cpu, 1 thread",
+        "clock": args.clock,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "rounds": args.rounds,
@@ -129,8 +141,9 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "targets": {"tangent_k1_over_one_shadow": 1.5, "tangent_k16_over_tangent_k1": 4.0},
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_name(f"tangent{suffix}_cpu.json").write_text(json.dumps(result, indent=2))
+    if not args.configs:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.with_name(f"tangent{suffix}_cpu.json").write_text(json.dumps(result, indent=2))
     print(f"{'configuration':<14} {'step ms':>8} {'cost ms':>8}")
     for name in configs:
         print(f"{name:<14} {1e3 * median[name]:8.2f} {1e3 * cost.get(name, 0.0):8.2f}")

@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.func import functional_call, replace_all_batch_norm_modules_
+from torch.func import replace_all_batch_norm_modules_
 from torch.optim import Optimizer
 
 from lightning_chaos import logging as chaos_logging
@@ -23,7 +23,7 @@ from lightning_chaos.functional.tangent import (
     hessian_top_eigenvalue,
     kaplan_yorke_dimension,
     qr_renormalize,
-    sgd_tangent_step,
+    sgd_tangent_steps,
 )
 from lightning_chaos.mirror import all_reduce_mean, overridden_hooks, split_output
 from lightning_chaos.shadow import (
@@ -103,8 +103,9 @@ class TangentProbe(Callback):
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
     and marks the results untrusted (:attr:`trusted`).
 
-    Cost per probed step: one forward-over-reverse pass for the k tangents together (about 2–4 backward passes for
-    k = 1), one copy of the parameters and optimizer state per tangent, and a QR of a [D, k] matrix; with
+    Cost per probed step: the replayed forward, a backward that keeps its graph and one more backward for the k
+    tangents together (about 2.5× a training step's gradient for k = 1), one copy of the parameters and optimizer
+    state per tangent, and a QR of a [D, k] matrix (a norm for k = 1); with
     ``sharpness=True`` up to 20 more Hessian-vector products every ``sharpness_every`` steps (fewer when warm).
 
     Args:
@@ -187,7 +188,8 @@ class TangentProbe(Callback):
         self._steps_at_qr = 0
         self._attach_step = 0
         self._log_sum = torch.zeros(self.num_exponents, dtype=torch.float64)
-        self._history: list[Tensor] = []
+        # (Σ ln R_ii, steps at that QR) after every probed step; divided and sorted only when read
+        self._history: list[tuple[Tensor, int]] = []
         self._sharpness: list[float] = []
         self._sharpness_steps: list[int] = []
         self._thresholds: list[float] = []
@@ -201,6 +203,7 @@ class TangentProbe(Callback):
         self._tangents: Optional[list[Tensor]] = None  # per block (component × parameter): [k, *shape]
         self._pending_tangents: Optional[list[Tensor]] = None  # from a checkpoint, until attach
         self._params: list[Tensor] = []
+        self._leaves: tuple[Tensor, ...] = ()
         self._step_module: Optional[_TrainingStepAsForward] = None
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
@@ -232,7 +235,9 @@ class TangentProbe(Callback):
         re-orthonormalisations repeat the last one)."""
         if not self._history:
             return torch.empty(0, self.num_exponents, dtype=torch.float64)
-        return torch.stack(self._history)
+        sums = torch.stack([log_sum for log_sum, _ in self._history])
+        counts = torch.tensor([count for _, count in self._history], dtype=torch.float64)
+        return torch.sort(sums / counts.unsqueeze(1), dim=1, descending=True).values  # 0/0: NaN before the first QR
 
     @property
     def num_positive(self) -> int:
@@ -380,7 +385,7 @@ class TangentProbe(Callback):
         self._steps_at_qr = state["steps_at_qr"]
         self._attach_step = state["attach_step"]
         self._log_sum = state["log_sum"].to(torch.float64)
-        self._history = list(state["history"].to(torch.float64))
+        self._history = [(row, 1) for row in state["history"].to(torch.float64)]
         self._sharpness = list(state["sharpness"])
         self._sharpness_steps = list(state["sharpness_steps"])
         self._thresholds = list(state["thresholds"])
@@ -423,6 +428,7 @@ class TangentProbe(Callback):
         self._tangents = None
         self._step_module = None
         self._params = []
+        self._leaves = ()
 
     def _stop(self, trainer: Trainer) -> None:
         self._stopped = True
@@ -458,10 +464,14 @@ class TangentProbe(Callback):
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
         replace_all_batch_norm_modules_(shadow)  # no running-statistics update of batched tensors; same batch stats
         self._step_module = _TrainingStepAsForward(shadow)
-        self._real_modules = list(pl_module.modules())
-        self._shadow_modules = list(shadow.modules())
-        names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._names = ["module." + names[id(p)] for p in self._params]
+        # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in
+        self._module_pairs = list(zip(pl_module.modules(), shadow.modules()))
+        if len(self._module_pairs) != len(list(shadow.modules())) or any(
+            type(real) is not type(twin) or real._parameters.keys() != twin._parameters.keys()
+            for real, twin in self._module_pairs
+        ):
+            raise RuntimeError("the module's copy does not have the module's structure")
+        self._trainable_index = {id(p): i for i, p in enumerate(self._params)}
         blocks = [p for _ in range(self._components(optimizer)) for p in self._params]
         k = self.num_exponents
         dimension = sum(p.numel() for p in blocks)
@@ -488,24 +498,28 @@ class TangentProbe(Callback):
             offset += p.numel()
         return pieces
 
-    def _loss_function(
-        self, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> Callable[[tuple[Tensor, ...]], Tensor]:
-        """θ ↦ the training_step loss on a batch of the step, with everything else as the real module has it now."""
-        for real, shadow in zip(self._real_modules, self._shadow_modules):  # eval()/train() set on the real one
-            shadow.training = real.training
-        trainable = {id(p) for p in self._params}
-        fixed = {"module." + n: p.detach() for n, p in pl_module.named_parameters() if id(p) not in trainable}
-        assert self._step_module is not None  # built at attach
-        shadow_buffers = {n for n, b in self._step_module.module.named_buffers() if b is not None}
-        # copies: a training_step that updates a buffer in place must not write into the real one
-        fixed.update({"module." + n: b.detach().clone() for n, b in pl_module.named_buffers() if n in shadow_buffers})
-        names, module = self._names, self._step_module
+    def _install(self, leaves: tuple[Tensor, ...]) -> None:
+        """Put θ = ``leaves`` into the copy, with everything else as the real module has it now.
 
-        def loss_of(theta: tuple[Tensor, ...]) -> Tensor:
-            return functional_call(module, {**fixed, **dict(zip(names, theta))}, (batch, batch_idx))
-
-        return loss_of
+        What ``functional_call`` does, without its per-call name resolution and weight-tying analysis: the
+        tensors go straight into the copy's ``_parameters``/``_buffers`` (a parameter shared by several modules gets
+        the same leaf in each), and stay there; the copy is the probe's own.
+        """
+        index = self._trainable_index
+        clones: dict[int, Tensor] = {}
+        for real, shadow in self._module_pairs:
+            shadow.training = real.training  # eval()/train() set on the real one
+            for name, p in real._parameters.items():
+                if p is not None:
+                    i = index.get(id(p))
+                    shadow._parameters[name] = leaves[i] if i is not None else p.detach()  # type: ignore[assignment]
+            for name, b in real._buffers.items():
+                # None in the copy: a BatchNorm's running statistics, which the copy does not keep
+                if b is not None and shadow._buffers.get(name) is not None:
+                    # copies: a training_step that updates a buffer in place must not write into the real one
+                    if id(b) not in clones:
+                        clones[id(b)] = b.detach().clone()
+                    shadow._buffers[name] = clones[id(b)]
 
     def _probe_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         pairs = self._trainable(optimizer)
@@ -520,7 +534,8 @@ class TangentProbe(Callback):
             return
         gradients, hvp = self._differentiate(trainer, pl_module)
         n = len(self._params)
-        self._check_replay(gradients)
+        with torch.no_grad():
+            self._check_replay(gradients)
         assert self._tangents is not None  # attached above
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
@@ -531,7 +546,7 @@ class TangentProbe(Callback):
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
             self._orthonormalize()
-        self._history.append(self.lyapunov_spectrum)
+        self._history.append((self._log_sum, self._steps_at_qr))  # _log_sum is replaced, never changed in place
         if self.measure_sharpness and (self._steps - 1) % self.sharpness_every == 0:
             self._measure_sharpness(trainer, optimizer, pairs, hvp, grads)
         interval = self.log_every_n_steps or trainer.log_every_n_steps or 1  # type: ignore[attr-defined]
@@ -543,19 +558,31 @@ class TangentProbe(Callback):
     ) -> tuple[tuple[Tensor, ...], Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]]:
         """The replayed step's gradient, and H·u for batches of vectors u ([k, *shape] per parameter) on its graph.
 
+        On one process the gradient returned is the graph's own (read it under ``no_grad``); under DDP a reduced copy.
+
         Reverse over reverse: one forward and a backward that keeps its graph, then one more backward per call (all k
         vectors at once, ``is_grads_batched``). On small models this is 5–7× faster than ``torch.func``'s
         forward-over-reverse ``jvp(grad(...))``, whose cost there is per-operator overhead, and gives the same
         products to rounding; the graph serves the sharpness's power iteration too, with no second replay.
         """
-        leaves = tuple(p.detach().requires_grad_() for p in self._params)
+        leaves = self._leaves
+        # θ as leaves of the probe's graph: views of the real parameters, so they follow the optimizer's in-place
+        # updates and can be kept from step to step, unless a parameter's storage was swapped (``p.data = ...``)
+        if len(leaves) != len(self._params) or any(
+            leaf.data_ptr() != p.data_ptr() or leaf.shape != p.shape for leaf, p in zip(leaves, self._params)
+        ):
+            leaves = self._leaves = tuple(p.detach().requires_grad_() for p in self._params)
+        module = self._step_module
+        assert module is not None  # built at attach
+        accumulate = trainer.accumulate_grad_batches
         gradients: tuple[Tensor, ...] = ()
         for batch, batch_idx, rng_state in self._micro:  # under accumulation, each batch of the step with its RNG
-            loss_of = self._loss_function(pl_module, batch, batch_idx)
+            self._install(leaves)  # fresh buffer copies for every batch, as the real module has them now
             with replayed_rng(rng_state, self._params[0].device), trainer.precision_plugin.train_step_context(), \
                     torch.enable_grad():
-                # Lightning divides each batch's loss by accumulate_grad_batches before its backward
-                loss = loss_of(leaves) / trainer.accumulate_grad_batches
+                loss = module(batch, batch_idx)
+                if accumulate != 1:  # Lightning divides each batch's loss by accumulate_grad_batches before backward
+                    loss = loss / accumulate
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, materialize_grads=True)
             gradients = grads if not gradients else tuple(a + b for a, b in zip(gradients, grads))
         # a gradient that does not depend on θ (a parameter entering linearly) adds nothing to H·u
@@ -569,14 +596,16 @@ class TangentProbe(Callback):
             products = torch.autograd.grad([gradients[i] for i in curved], leaves,
                                            grad_outputs=[vectors[i][0] if single else vectors[i] for i in curved],
                                            retain_graph=True, is_grads_batched=not single, materialize_grads=True)
-            reduced = [product.detach().unsqueeze(0) if single else product.detach() for product in products]
+            # without create_graph the products are already detached
+            reduced = [product.unsqueeze(0) for product in products] if single else list(products)
             if world_size > 1:  # DDP averages the gradients, so the Hessian of the step is the ranks' mean too
                 all_reduce_mean(reduced, world_size)
             return tuple(reduced)
 
-        replayed = [g.detach().clone() for g in gradients]
-        if world_size > 1:
-            all_reduce_mean(replayed, world_size)
+        if world_size == 1:
+            return gradients, hvp  # still attached to the graph: read them under no_grad
+        replayed = [g.detach().clone() for g in gradients]  # copies: reduced in place, and the graph needs its own
+        all_reduce_mean(replayed, world_size)
         return tuple(replayed), hvp
 
     def _check_replay(self, gradients: tuple[Tensor, ...]) -> None:
@@ -584,9 +613,10 @@ class TangentProbe(Callback):
         pairs = [(g, p.grad) for g, p in zip(gradients, self._params) if p.grad is not None]
         if not pairs:
             return
-        difference = torch.stack([(g - real).double().square().sum() for g, real in pairs]).sum()
-        norm = torch.stack([real.double().square().sum() for _, real in pairs]).sum()
-        difference, norm = torch.stack([difference, norm]).tolist()  # one host synchronisation
+        replayed, real = [g for g, _ in pairs], [r for _, r in pairs]
+        # a few fused kernels over all parameters (foreach), norms accumulated in float64, one host synchronisation
+        norms = torch._foreach_norm([*torch._foreach_sub(replayed, real), *real], 2, dtype=torch.float64)
+        difference, norm = torch.stack(norms).square().view(2, -1).sum(dim=1).tolist()
         gap = math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference)
         self._replay_gap = max(self._replay_gap, gap)
         tolerance = _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
@@ -609,6 +639,8 @@ class TangentProbe(Callback):
         tangents = self._tangents
         assert tangents is not None
         out: list[Optional[Tensor]] = [None] * len(tangents)
+        # SGD: the parameters of a param group in one call (foreach kernels), split by whether the buffer exists yet
+        batches: dict[tuple[int, bool], list[int]] = {}
         for i, ((p, group), hv) in enumerate(zip(pairs, hvps)):
             if p.grad is None:  # torch skips the parameter: its block of the map is the identity
                 for block in range(i, len(tangents), n):
@@ -616,17 +648,7 @@ class TangentProbe(Callback):
                 continue
             state = optimizer.state.get(p, {})
             if isinstance(optimizer, torch.optim.SGD):
-                momentum = float(group["momentum"])
-                buffer = state.get("momentum_buffer")
-                u_theta, u_buffer = sgd_tangent_step(
-                    tangents[i], hv, tangents[n + i] if momentum else None,
-                    lr=float(group["lr"]), momentum=momentum, dampening=float(group["dampening"]),
-                    weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                    maximize=bool(group["maximize"]), first_step=buffer is None,
-                )
-                out[i] = u_theta
-                if len(tangents) > n:
-                    out[n + i] = u_buffer if u_buffer is not None else tangents[n + i]
+                batches.setdefault((id(group), state.get("momentum_buffer") is None), []).append(i)
             else:
                 beta1, beta2 = (float(b) for b in group["betas"])
                 exp_avg = state["exp_avg"] if "exp_avg" in state else torch.zeros_like(p)
@@ -639,12 +661,32 @@ class TangentProbe(Callback):
                     decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
                     maximize=bool(group["maximize"]),
                 )
+        for (_, first_step), indices in batches.items():
+            group = pairs[indices[0]][1]
+            momentum = float(group["momentum"])
+            u_theta, u_buffer = sgd_tangent_steps(
+                [tangents[i] for i in indices], [hvps[i] for i in indices],
+                [tangents[n + i] for i in indices] if momentum else None,
+                lr=float(group["lr"]), momentum=momentum, dampening=float(group["dampening"]),
+                weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                maximize=bool(group["maximize"]), first_step=first_step,
+            )
+            for j, i in enumerate(indices):
+                out[i] = u_theta[j]
+                if len(tangents) > n:
+                    out[n + i] = u_buffer[j] if u_buffer is not None else tangents[n + i]
         return out  # type: ignore[return-value]
 
     def _orthonormalize(self) -> None:
         blocks = self._tangents
         assert blocks is not None
         k = self.num_exponents
+        if k == 1:  # QR of one column is its norm: R = ‖u‖ > 0, Q = u / ‖u‖; no concatenation, no LAPACK call
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)))
+            self._log_sum = self._log_sum + norm.log()
+            self._steps_at_qr = self._steps
+            self._tangents = list(torch._foreach_div(blocks, norm))  # in the blocks' dtype
+            return
         flat = torch.cat([t.reshape(k, -1) for t in blocks], dim=1)
         q, log_r = qr_renormalize(flat.T)
         self._log_sum = self._log_sum + log_r

@@ -15,6 +15,7 @@ from lightning_chaos.functional.tangent import (
     kaplan_yorke_dimension,
     qr_renormalize,
     sgd_tangent_step,
+    sgd_tangent_steps,
 )
 
 torch.set_num_threads(1)
@@ -165,6 +166,32 @@ def test_sgd_tangent_step_matches_finite_differences_of_torch_sgd(kwargs, first_
         torch.testing.assert_close(exact_buffer, fd_state["momentum_buffer"], rtol=1e-7, atol=1e-8)
     else:
         assert exact_buffer is None
+
+
+@pytest.mark.parametrize("first_step", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.1),
+        dict(lr=0.1, weight_decay=0.05, maximize=True),
+        dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01),
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.02, maximize=True),
+    ],
+)
+def test_sgd_tangent_steps_is_sgd_tangent_step_on_each_parameter_bit_for_bit(kwargs, first_step):
+    """The probe's foreach version, over parameters of several shapes with k = 3 tangents each."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 4, 2), (3, 5), (3, 1)]
+    u, hu, ub = ([torch.randn(shape, generator=g) for shape in shapes] for _ in range(3))
+    buffers = ub if kwargs.get("momentum") else None
+    thetas, new_buffers = sgd_tangent_steps(u, hu, buffers, first_step=first_step, **kwargs)
+    for i in range(len(shapes)):
+        theta, buffer = sgd_tangent_step(u[i], hu[i], None if buffers is None else buffers[i], first_step=first_step,
+                                         **kwargs)
+        assert torch.equal(thetas[i], theta)
+        assert (new_buffers is None) == (buffer is None)
+        if buffer is not None:
+            assert new_buffers is not None and torch.equal(new_buffers[i], buffer)
 
 
 @pytest.mark.parametrize("step_count", [0, 7])

@@ -179,6 +179,26 @@ def test_observation_never_perturbs(optimizer):
     assert torch.equal(plain[3], probed[3]) and np.array_equal(plain[4], probed[4])
 
 
+def test_a_parameter_storage_swapped_between_steps_is_followed():
+    """The probe keeps its θ leaves from step to step as views of the parameters; a ``p.data = ...`` swap between
+    steps must be noticed, or the tangents would go through stale weights."""
+
+    class Swap(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            for p in pl_module.parameters():
+                p.data = p.data.clone()
+
+    def run(extra):
+        L.seed_everything(0, verbose=False)
+        probe = TangentProbe(num_exponents=1)
+        quiet_trainer(max_steps=6, callbacks=[*extra, probe]).fit(MLPClassifier(lr=0.5),
+                                                                  datamodule=DigitsDataModule())
+        assert probe.trusted
+        return probe.spectrum_history
+
+    assert torch.equal(run([Swap()]), run([]))
+
+
 def test_adam_gets_the_preconditioned_sharpness_and_its_threshold():
     probe = TangentProbe(num_exponents=2, sharpness=True, sharpness_every=2)
     model = _fit_dropout_mlp("adam", [probe])[0]

@@ -355,6 +355,52 @@ def sgd_tangent_step(
     return v_param - lr * step, v_b
 
 
+def sgd_tangent_steps(
+    v_params: list[Tensor],
+    hvps: list[Tensor],
+    v_buffers: Optional[list[Tensor]],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+    r""":func:`sgd_tangent_step` on several parameters of one param group at once, with the same arithmetic (the
+    same results, bit for bit) in torch's ``_foreach`` kernels: a handful of calls per step instead of a handful per
+    parameter, which is most of the cost on small models.
+
+    Args:
+        v_params, hvps: u_θ and H u_θ, one tensor per parameter (each may carry a leading batch dimension of k).
+        v_buffers: the momentum buffers' tangents, one per parameter (None without momentum or at the first step).
+        lr, momentum, dampening, weight_decay, nesterov, maximize, first_step: as :func:`sgd_tangent_step`.
+
+    Returns:
+        ``(u_θ', u_b')`` as lists; ``u_b'`` is None without momentum.
+
+    Example:
+        >>> import torch
+        >>> from lightning_chaos.functional.tangent import sgd_tangent_steps
+        >>> u = [torch.tensor([1.0, 1.0]), torch.tensor([2.0])]
+        >>> sgd_tangent_steps(u, [torch.tensor([2.0, 0.5]), torch.tensor([1.0])], None, lr=0.1)[0]  # u − 0.1 H u
+        [tensor([0.8000, 0.9500]), tensor([1.9000])]
+    """
+    v_d = list(torch._foreach_neg(hvps)) if maximize else list(hvps)
+    if weight_decay:
+        v_d = list(torch._foreach_add(v_d, torch._foreach_mul(v_params, weight_decay)))
+    if not momentum:
+        return list(torch._foreach_sub(v_params, torch._foreach_mul(v_d, lr))), None
+    if first_step or v_buffers is None:
+        v_b = v_d
+    else:
+        v_b = list(torch._foreach_add(torch._foreach_mul(v_buffers, momentum),
+                                      torch._foreach_mul(v_d, 1.0 - dampening)))
+    step = torch._foreach_add(v_d, torch._foreach_mul(v_b, momentum)) if nesterov else v_b
+    return list(torch._foreach_sub(v_params, torch._foreach_mul(step, lr))), v_b
+
+
 def adam_preconditioner(exp_avg_sq: Tensor, step: float, *, beta1: float, beta2: float, eps: float) -> Tensor:
     r"""Adam's diagonal preconditioner P after a step, so that the step is θ ← θ − η P⁻¹ m (m the new first moment,
     not bias-corrected): P = (1 − β₁ᵗ)(√(v / (1 − β₂ᵗ)) + ε), with v the new second moment and t the new step count
