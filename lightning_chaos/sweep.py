@@ -82,9 +82,10 @@ class ChaosLRFinderResult:
             the edge of chaos.
         trainability_edge: the largest η that still learns well (see
             :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
-        lr_range: ``(low, high)``, the smallest and the largest η that learn well
-            (:func:`~lightning_chaos.functional.onset.learning_band`), for ``CyclicLR(base_lr=low, max_lr=high)`` or
-            ``OneCycleLR(max_lr=high)``; None when nothing learns or the band reaches ``max_lr``.
+        lr_range: ``(low, high)`` for ``OneCycleLR(max_lr=high)`` and ``CyclicLR(base_lr=low, max_lr=high)``:
+            ``high`` is the top of the learning band, ``low`` the smaller of the band's bottom
+            (:func:`~lightning_chaos.functional.onset.learning_band`) and the suggestion below the top (top /
+            margin, whatever the anchor); None when nothing learns or the band reaches ``max_lr``.
         anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
         margin: the factor the suggestion stepped back from its anchor by (``margin="auto"`` resolved).
         seconds: wall time of the sweep.
@@ -623,6 +624,16 @@ def initial_states(module: LightningModule, num_inits: int, seed: int) -> list[O
     return states
 
 
+def _lr_range(lrs: Tensor, loss_ratio: Tensor, learning: Tensor, margin: float) -> Optional[tuple[float, float]]:
+    """From the smaller of the learning band's bottom and the suggestion below its top, to the top: the band is often
+    a single grid point wide (every η of it learned within 1.25× of the best over the window, which rules slow η out),
+    and a cycle through it should pass the constant LR the finder suggests."""
+    band = learning_band(lrs, loss_ratio, learning)
+    if band is None or band[1] == lrs[-1].item():
+        return None
+    return min(band[0], band[1] / margin), band[1]
+
+
 def summarise(
     runs: Runs, *, steps_per_lr: int, rule: str, anchor: str, onset_margin: float, edge_margin: float
 ) -> "ChaosLRFinderResult":
@@ -657,7 +668,7 @@ def summarise(
         reason=reason,
         learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
         trainability_edge=edge,
-        lr_range=None if edge is None or edge == lrs[-1] else learning_band(lr_tensor, loss_ratio, learning),
+        lr_range=_lr_range(lr_tensor, loss_ratio, learning, edge_margin),
         anchor=anchor,
         margin=edge_margin if anchor == "trainability" else onset_margin,
         losses=losses,
