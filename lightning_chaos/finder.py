@@ -19,7 +19,11 @@ from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, _TunerExitException
-from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_setattr
+from lightning.pytorch.utilities.parsing import (
+    _lightning_get_all_attr_holders,
+    lightning_getattr,
+    lightning_setattr,
+)
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -264,6 +268,7 @@ class ChaosLRFinder(Callback):
             float(lightning_getattr(pl_module, attr_name))  # type: ignore[arg-type]  # the model's number
             if attr_name else unscheduled_lr(optimizer.param_groups[0])
         )
+        self._say_if_the_attribute_is_not_the_optimizers(pl_module, attr_name, base_lr, optimizer)
         started = time.monotonic()
         # Lightning's isolate_rng restores only on a normal exit: an error (or an interrupt) in the user's
         # training_step would leave the global streams where the sweep seeded them.
@@ -283,6 +288,33 @@ class ChaosLRFinder(Callback):
         self._warn_if_anchors_disagree(result)
         self._report(trainer, result)
         return result
+
+    @staticmethod
+    def _say_if_the_attribute_is_not_the_optimizers(
+        pl_module: LightningModule, attr_name: str, base_lr: float, optimizer: Optimizer
+    ) -> None:
+        """The sweep scales every param group by η / the attribute's value: η is the optimizer's LR only where the two
+        agree. Copies of the attribute that disagree (a ``self.lr`` beside another ``hparams.lr``: Lightning reads and
+        writes the last) make the swept η, and the suggestion written back, another LR than the one that trains."""
+        if not attr_name:
+            return
+        holders = _lightning_get_all_attr_holders(pl_module, attr_name)
+        values = [holder[attr_name] if isinstance(holder, dict) else getattr(holder, attr_name) for holder in holders]
+        numbers = [float(v) for v in values if isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)]
+        actual = unscheduled_lr(optimizer.param_groups[0])
+        if any(not math.isclose(v, base_lr, rel_tol=1e-6) for v in numbers):
+            where = ", ".join(f"{type(h).__name__} {v:.4g}" for h, v in zip(holders, numbers))
+            rank_zero_warn(
+                f"ChaosLRFinder: `{attr_name}` has different values ({where}); like Lightning's LR finder it reads the"
+                f" last, {base_lr:.4g}, and sweeps every param group by η / {base_lr:.4g}, while the optimizer trains"
+                f" at {actual:.4g}. The swept η and the suggestion written back are then not the learning rate that"
+                f" trains: keep one `{attr_name}`, or pass `attr_name=`."
+            )
+        elif not math.isclose(actual, base_lr, rel_tol=1e-6):
+            rank_zero_info(
+                f"ChaosLRFinder: `{attr_name}` is {base_lr:.4g} and the optimizer's first param group trains at"
+                f" {actual:.4g}: every group is swept in proportion, η in units of `{attr_name}`."
+            )
 
     def _margins(self, optimizer: Optimizer) -> tuple[float, float]:
         """The margins below the onset and below the top of the learning band."""

@@ -1015,3 +1015,26 @@ def test_a_plain_optimizer_sweeps_the_learning_rate():
                            train_dataloaders=DataLoader(random_classification(), batch_size=16),
                            min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0)
     assert result.swept == "the learning rate"
+
+
+class StaleHyperparameter(DropoutMLP):
+    """``self.lr`` trains (SGD reads it), but ``hparams.lr`` holds another value, which Lightning's attribute lookup
+    reads and writes (the last holder)."""
+
+    def __init__(self):
+        super().__init__(lr=0.05, dropout=0.0)
+        self.save_hyperparameters({"lr": 2.0})
+
+
+def test_copies_of_the_lr_attribute_that_disagree_are_named_in_a_warning(caplog):
+    loader = DataLoader(random_classification(), batch_size=16)
+    with pytest.warns(UserWarning, match=r"`lr` has different values \(StaleHyperparameter 0\.05, AttributeDict 2\)"):
+        find_chaos_lr(quiet_trainer(max_epochs=1), StaleHyperparameter(), train_dataloaders=loader, min_lr=0.01,
+                      max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0)
+    # an optimizer that trains at a multiple of the attribute is swept in proportion: said at info level only
+    with warnings.catch_warnings(record=True) as record, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        find_chaos_lr(quiet_trainer(max_epochs=1), DropoutMLP(optimizer="adam", dropout=0.0), train_dataloaders=loader,
+                      min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0)
+    assert not [w for w in record if "different values" in str(w.message)]
+    assert "`lr` is 0.2 and the optimizer's first param group trains at 0.01" in caplog.text
