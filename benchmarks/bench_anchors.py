@@ -154,8 +154,9 @@ class AnchorTimeToTarget(TimeToTarget):
     training starts."""
 
     def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int,
-                 averager: Any = None, schedule_free: bool = False, eval_mode: bool = False) -> None:
-        super().__init__(x_val, y_val, target, every)
+                 averager: Any = None, schedule_free: bool = False, eval_mode: bool = False,
+                 metric: str = "accuracy") -> None:
+        super().__init__(x_val, y_val, target, every, metric)
         self.averager, self.schedule_free, self.eval_mode = averager, schedule_free, eval_mode
         self.trainer: Optional[Trainer] = None
 
@@ -212,7 +213,7 @@ def measure_anchor_tau(task: Task, anchor: Anchor, lr: float, seed: int, root: s
 
         averager = PolynomialDecayAverager(model)  # a deep copy of the initial model; consumes no random numbers
     timer = AnchorTimeToTarget(x_val, y_val, task.target, task.eval_every, averager, anchor.schedule_free,
-                                anchor.eval_mode)
+                                anchor.eval_mode, task.metric)
     started = time.perf_counter()
     _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
     return {

@@ -62,7 +62,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.tuner import Tuner
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tasks import HELD_OUT, TASKS, Task  # noqa: E402
+from tasks import NOT_DEFAULT, TASKS, Task  # noqa: E402
 
 import lightning_chaos  # noqa: E402
 from lightning_chaos import ChaosLRFinder, find_chaos_lr  # noqa: E402
@@ -81,22 +81,51 @@ def default_margin(task: Task) -> float:
     return auto_margin(task.make_model(task.default_lr).configure_optimizers())
 
 
-class TimeToTarget(Callback):
-    """Evaluate validation accuracy every ``every`` optimizer steps; stop at ``target`` or on a non-finite loss."""
+METRICS = ("accuracy", "r2", "loss")  # what τ can wait for (``Task.metric``)
 
-    def __init__(self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int) -> None:
-        self.x_val, self.y_val, self.target, self.every = x_val, y_val, target, every
+
+def validation_score(metric: str, output: torch.Tensor, target: torch.Tensor) -> float:
+    """The validation set's ``metric`` from the model's ``output``: accuracy of the argmax (classification), R² of a
+    scalar output (regression with the mean squared error), or the mean cross-entropy of the logits (a language
+    model's next-token loss)."""
+    if metric == "accuracy":
+        return (output.argmax(1) == target).double().mean().item()
+    if metric == "r2":
+        output, target = output.double().reshape(target.shape), target.double()
+        return (1 - ((output - target) ** 2).sum() / ((target - target.mean()) ** 2).sum()).item()
+    if metric == "loss":
+        return torch.nn.functional.cross_entropy(output.double(), target).item()
+    raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
+
+
+def target_reached(metric: str, score: float, target: float) -> bool:
+    """Whether ``score`` meets ``target``: at least it for accuracy and R², at most it for a loss."""
+    return score <= target if metric == "loss" else score >= target
+
+
+class TimeToTarget(Callback):
+    """Evaluate the validation ``metric`` (``Task.metric``: accuracy by default) every ``every`` optimizer steps; stop
+    at ``target`` (reached from above for ``"loss"``) or on a non-finite training loss."""
+
+    def __init__(
+        self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int, metric: str = "accuracy"
+    ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
+        self.x_val, self.y_val, self.target, self.every, self.metric = x_val, y_val, target, every, metric
         self.tau: Optional[int] = None
         self.diverged = False
         self.curve: list[tuple[int, float]] = []
 
     @torch.no_grad()
     def accuracy(self, pl_module: LightningModule) -> float:
+        """The validation score of ``self.metric`` (accuracy unless the task says otherwise; the name is kept for
+        subclasses that evaluate another model, such as an averaged one)."""
         was_training = pl_module.training
         pl_module.eval()
-        logits = pl_module(self.x_val.to(pl_module.device))
+        output = pl_module(self.x_val.to(pl_module.device))
         pl_module.train(was_training)
-        return (logits.argmax(1).cpu() == self.y_val).double().mean().item()
+        return validation_score(self.metric, output.cpu(), self.y_val)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -107,9 +136,12 @@ class TimeToTarget(Callback):
         step = trainer.global_step
         if step % self.every:
             return
-        acc = self.accuracy(pl_module)
-        self.curve.append((step, acc))
-        if acc >= self.target:
+        score = self.accuracy(pl_module)
+        self.curve.append((step, score))
+        if math.isnan(score):
+            self.diverged = True
+            trainer.should_stop = True
+        elif target_reached(self.metric, score, self.target):
             self.tau = step
             trainer.should_stop = True
 
@@ -135,13 +167,14 @@ def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
 
 
 def measure_tau(task: Task, lr: float, seed: int, root: str) -> dict:
-    """Train ``task`` at ``lr`` from seed ``seed`` until the target or the budget; return τ and the accuracy curve."""
+    """Train ``task`` at ``lr`` from seed ``seed`` until the target or the budget; return τ and the curve of the
+    task's validation metric."""
     seed_everything(seed, verbose=False)
     dm = task.make_datamodule()
     dm.setup("fit")
     x_val, y_val = dm.val_set.tensors
     model = task.make_model(lr)
-    timer = TimeToTarget(x_val, y_val, task.target, task.eval_every)
+    timer = TimeToTarget(x_val, y_val, task.target, task.eval_every, task.metric)
     started = time.perf_counter()
     _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
     return {
@@ -215,8 +248,9 @@ def inferred_never(lr: float, seed: int) -> dict:
     return {"lr": lr, "seed": seed, "tau": NEVER, "diverged": False, "inferred": True, "curve": [], "seconds": 0.0}
 
 
-def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True) -> dict:
-    """find_chaos_lr and lr_find on the same fresh model of seed ``seed``, interleaved (order alternates with seed)."""
+def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True, lrfind: bool = True) -> dict:
+    """find_chaos_lr and lr_find on the same fresh model of seed ``seed``, interleaved (order alternates with seed);
+    without ``lrfind`` the finder alone (no time ratio)."""
     out: dict[str, Any] = {"seed": seed}
 
     def chaos(anchor: str = ANCHOR, key: str = "chaos") -> None:
@@ -239,6 +273,9 @@ def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True) -> 
             "loss_ratio": result.loss_ratio.tolist(),
             "steps_per_lr": result.steps_per_lr,
             "model_lr_after": float(model.lr),
+            "margin": result.margin,
+            "losses": result.losses.tolist(),  # [η, step]: the reference's training loss, NaN after it stopped
+            "model_steps": result.model_steps,  # the sweep's cost in forward+backward passes of one model copy
         }
 
     def lr_find() -> None:
@@ -250,12 +287,44 @@ def run_finders(task: Task, seed: int, root: str, both_anchors: bool = True) -> 
         out["lrfind_seconds"] = time.perf_counter() - started
         out["lrfind"] = {"suggestion": finder.suggestion() if finder is not None else None}
 
-    for call in (chaos, lr_find) if seed % 2 == 0 else (lr_find, chaos):
+    calls = ((chaos, lr_find) if seed % 2 == 0 else (lr_find, chaos)) if lrfind else (chaos,)
+    for call in calls:
         call()
     if both_anchors:  # the other anchor's own sweep (it refines the grid elsewhere), untimed, for the comparison
         chaos("trainability" if ANCHOR == "onset" else "onset", "chaos_other")
-    out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
+    if lrfind:
+        out["time_ratio"] = out["chaos_seconds"] / out["lrfind_seconds"]
     return out
+
+
+def save_json(path: str, results: dict) -> None:
+    """Write ``results`` to ``path`` (gzipped when it ends in ``.gz``), through a temporary file so that a run
+    stopped while writing leaves the previous complete file."""
+    opener: Any = gzip.open if path.endswith(".gz") else open
+    with opener(path + ".tmp", "wt") as fh:
+        json.dump(results, fh, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def sweeps_only(args: argparse.Namespace, results: dict) -> None:
+    """``--sweeps-only``: each task's finder sweep (the default anchor, every field incl. the loss curves) on every
+    seed, no lr_find, no τ; saved after every seed. For replaying suggestion rules against oracle grids measured
+    before (benchmarks/analyze_speed_rule.py)."""
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.tasks:
+            data: dict[str, Any] = {"seeds": [], "finders": []}
+            results["tasks"][name] = data
+            for seed in seeds:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    finder = run_finders(TASKS[name], seed, root, both_anchors=False, lrfind=False)
+                data["seeds"].append(seed)
+                data["finders"].append(finder)
+                print(f"[{name}] seed {seed}: suggestion {fmt_lr(finder['chaos']['suggestion'])} edge"
+                      f" {fmt_lr(finder['chaos']['trainability_edge'])} ({finder['chaos_seconds']:.1f} s,"
+                      f" {finder['chaos']['model_steps']} model steps)", flush=True)
+                if args.json:
+                    save_json(args.json, results)
 
 
 def run_timing(task: Task, rep: int, root: str, sequential: bool = True) -> dict:
@@ -320,12 +389,19 @@ def fmt_tau(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:g}"
 
 
+def fmt_target(task: Task) -> str:
+    """The task's target as the table shows it: accuracy in %, R² ≥ value, loss ≤ value."""
+    if task.metric == "accuracy":
+        return f"{task.target:.0%}"
+    return f"R² ≥ {task.target:g}" if task.metric == "r2" else f"loss ≤ {task.target:g}"
+
+
 def fmt_lr(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
-def tau_at(curve: list[tuple[int, float]], target: float) -> float:
-    return next((step for step, acc in curve if acc >= target), NEVER)
+def tau_at(curve: list[tuple[int, float]], target: float, metric: str = "accuracy") -> float:
+    return next((step for step, score in curve if target_reached(metric, score, target)), NEVER)
 
 
 def fastest_grid_lr(data: dict, seeds: list[int], tau: Callable[[dict], float] = lambda run: run["tau"]):
@@ -399,7 +475,7 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
 
         beats = "yes" if tau_chaos < tau_lrfind else ("tie" if tau_chaos == tau_lrfind else "no")
         add(
-            f"| {name} | {task.target:.0%} | {task.budget} | {task.default_lr:g} → {fmt_tau(tau_default)} |"
+            f"| {name} | {fmt_target(task)} | {task.budget} | {task.default_lr:g} → {fmt_tau(tau_default)} |"
             f" {fmt_lr(med(lrfind_lrs))} → {fmt_tau(tau_lrfind)} |"
             f" {fmt_lr(med(onsets))} → {fmt_lr(med(chaos_lrs))} ({fmt_tau(tau_chaos)}) |"
             f" {best_lr:.3g} → {fmt_tau(best)} | {ratio(tau_chaos)} | {fmt_interval(ratio_interval(data, chaos_lrs))} |"
@@ -454,20 +530,20 @@ def summarise(results: dict, args: argparse.Namespace) -> str:
     # secondary target from the same curves
     if args.secondary:
         add("")
-        add(f"Secondary target (accuracy − {args.secondary:g}, read off the same runs):"
+        add(f"Secondary target (accuracy or R² − {args.secondary:g}, a loss + it; read off the same runs):"
             " best grid η, τ; chaos τ ratio")
         for name, data in results["tasks"].items():
             task, runs, seeds = TASKS[name], data["runs"], data["seeds"]
-            target = task.target - args.secondary
-            grid, best_lr = fastest_grid_lr(data, seeds, lambda run: tau_at(run["curve"], target))
+            target = task.target + (args.secondary if task.metric == "loss" else -args.secondary)
+            grid, best_lr = fastest_grid_lr(data, seeds, lambda run: tau_at(run["curve"], target, task.metric))
             finders = [f for f in data["finders"] if f["seed"] in seeds]
             chaos = median_tau([
-                tau_at(runs[_key(f["chaos"]["suggestion"], f["seed"])]["curve"], target)
+                tau_at(runs[_key(f["chaos"]["suggestion"], f["seed"])]["curve"], target, task.metric)
                 if f["chaos"]["suggestion"] is not None else NEVER
                 for f in finders
             ])
             lrf = median_tau([
-                tau_at(runs[_key(f["lrfind"]["suggestion"], f["seed"])]["curve"], target)
+                tau_at(runs[_key(f["lrfind"]["suggestion"], f["seed"])]["curve"], target, task.metric)
                 if f["lrfind"]["suggestion"] is not None else NEVER
                 for f in finders
             ])
@@ -648,6 +724,19 @@ def merge_runs(saved: list[dict]) -> dict:
     return merged
 
 
+def run_meta(args: argparse.Namespace) -> dict:
+    """What a saved run records about itself."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "lightning_chaos": lightning_chaos.__version__,
+        "threads": args.threads,
+        "argv": sys.argv,
+    }
+
+
 def _key(lr: float, seed: int) -> str:
     return f"{lr:.6e}|{seed}"
 
@@ -676,9 +765,13 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu", help="the Trainers' accelerator (cpu, cuda)")
     parser.add_argument("--anchor", default="trainability", choices=["onset", "trainability"],
                         help="the anchor of the timed finder run (the other anchor's sweep runs untimed beside it)")
+    parser.add_argument("--no-other-anchor", dest="other_anchor", action="store_false",
+                        help="skip the other anchor's untimed sweep")
+    parser.add_argument("--sweeps-only", action="store_true",
+                        help="only the finder's sweeps (loss curves included) per task and seed: no lr_find, no τ")
     args = parser.parse_args()
     if args.tasks is None and not args.from_json:
-        args.tasks = [t for t in TASKS if t not in HELD_OUT]
+        args.tasks = [t for t in TASKS if t not in NOT_DEFAULT]
     global ACCELERATOR, ANCHOR
     ACCELERATOR, ANCHOR = args.accelerator, args.anchor
     torch.set_num_threads(args.threads)
@@ -699,24 +792,16 @@ def main() -> None:
     if args.timing_only:
         timing_only(args)
         return
+    if args.sweeps_only:
+        sweeps_only(args, {"meta": run_meta(args), "tasks": {}})
+        return
 
     decades = math.log10(args.grid_max / args.grid_min)
     num = int(round(decades * args.per_decade)) + 1
     exponents = torch.linspace(math.log10(args.grid_min), math.log10(args.grid_max), num, dtype=torch.float64)
     grid = [float(10.0**v) for v in exponents]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    results: dict[str, Any] = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "lightning_chaos": lightning_chaos.__version__,
-            "threads": args.threads,
-            "argv": sys.argv,
-        },
-        "tasks": {},
-    }
+    results: dict[str, Any] = {"meta": run_meta(args), "tasks": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         for name in args.tasks:
@@ -727,7 +812,8 @@ def main() -> None:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 for rep in range(max(args.timing_reps, len(seeds))):
                     seed = args.first_seed + rep
-                    data["finders"].append(run_finders(task, seed, root, both_anchors=seed in seeds))
+                    data["finders"].append(
+                        run_finders(task, seed, root, both_anchors=seed in seeds and args.other_anchor))
             for f in data["finders"]:
                 print(
                     f"[{name}] seed {f['seed']}: chaos onset {fmt_lr(f['chaos']['onset'])} suggestion"
@@ -754,15 +840,15 @@ def main() -> None:
                 measure_suggestions(task, data, data["finders"][seed - args.first_seed], floor, args.margins, root)
                 print(f"[{name}] seed {seed}: grid " + ", ".join(
                     f"{lr:.3g}:{fmt_tau(data['runs'][_key(lr, seed)]['tau'])}" for lr in grid), flush=True)
+                if args.json:  # after every seed: a long run stopped early keeps what it measured
+                    save_json(args.json, results)
             data["seconds"] = time.perf_counter() - task_started
             print(f"[{name}] done in {data['seconds']:.0f} s ({len(data['runs'])} runs)", flush=True)
             if args.json:
-                with open(args.json, "w") as fh:
-                    json.dump(results, fh, default=str)
+                save_json(args.json, results)
     results["meta"]["seconds"] = time.perf_counter() - started
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, default=str)
+        save_json(args.json, results)
     print()
     print(summarise(results, args))
     print()

