@@ -30,6 +30,7 @@ from lightning_chaos.functional.onset import (
     learning_band,
     learns_well_threshold,
     past_the_edge,
+    speed_band_top,
     trainability_edge_suggestion,
 )
 from lightning_chaos.mirror import BatchContext
@@ -80,8 +81,11 @@ class ChaosLRFinderResult:
         learning_at_onset: whether the network still learned at η* (None without an onset). Under minibatch SGD
             the onset often coincides with where learning fails: then η* marks the edge of trainability as much as
             the edge of chaos.
-        trainability_edge: the largest η that still learns well (see
+        trainability_edge: the top of the learning band, the largest η that still learns well: by where its window
+            ends and by how fast it gets down (the lower of the end band's and the speed band's tops; see
             :func:`~lightning_chaos.functional.onset.trainability_edge_suggestion`), or None.
+        speed_edge: the top of the speed band alone, the largest η that gets 90 % of the way down to the sweep's best
+            loss within 1.25× the fewest steps (:func:`~lightning_chaos.functional.onset.speed_band_top`), or None.
         lr_range: ``(low, high)`` for ``OneCycleLR(max_lr=high)`` and ``CyclicLR(base_lr=low, max_lr=high)``:
             ``high`` is the top of the learning band, ``low`` the smaller of the band's bottom
             (:func:`~lightning_chaos.functional.onset.learning_band`) and the suggestion below the top (top /
@@ -111,6 +115,7 @@ class ChaosLRFinderResult:
     learning_at_onset: Optional[bool] = None
     trainability_edge: Optional[float] = None
     lr_range: Optional[tuple[float, float]] = None
+    speed_edge: Optional[float] = None
     anchor: str = "trainability"
     margin: float = MARGIN
     seconds: float = 0.0
@@ -624,14 +629,15 @@ def initial_states(module: LightningModule, num_inits: int, seed: int) -> list[O
     return states
 
 
-def _lr_range(lrs: Tensor, loss_ratio: Tensor, learning: Tensor, margin: float) -> Optional[tuple[float, float]]:
-    """From the smaller of the learning band's bottom and the suggestion below its top, to the top: the band is often
-    a single grid point wide (every η of it learned within 1.25× of the best over the window, which rules slow η out),
-    and a cycle through it should pass the constant LR the finder suggests."""
-    band = learning_band(lrs, loss_ratio, learning)
-    if band is None or band[1] == lrs[-1].item():
+def _lr_range(
+    lrs: Tensor, edge: Optional[float], band: Optional[tuple[float, float]], margin: float
+) -> Optional[tuple[float, float]]:
+    """From the smaller of the learning band's bottom and the suggestion below the edge, up to the edge: the band is
+    often a single grid point wide (every η of it learned within 1.25× of the best over the window, which rules slow η
+    out), and a cycle through it should pass the constant LR the finder suggests."""
+    if edge is None or band is None or edge == lrs[-1].item():
         return None
-    return min(band[0], band[1] / margin), band[1]
+    return min(band[0], edge / margin), edge
 
 
 def summarise(
@@ -651,7 +657,9 @@ def summarise(
     exponents = table.nanmean(1)
     suggestion, onset, reason = edge_of_chaos_suggestion(lr_tensor, sensitive_fraction, learning, exponents, onset_margin)
     loss_ratio = ratios.nanmean(1)
-    by_trainability, edge, edge_reason = trainability_edge_suggestion(lr_tensor, loss_ratio, learning, edge_margin)
+    by_trainability, edge, edge_reason = trainability_edge_suggestion(
+        lr_tensor, loss_ratio, learning, edge_margin, losses=losses
+    )
     if anchor == "trainability":
         suggestion, reason = by_trainability, edge_reason
     return ChaosLRFinderResult(
@@ -668,7 +676,8 @@ def summarise(
         reason=reason,
         learning_at_onset=None if onset is None else bool(learning[lrs.index(onset)]),
         trainability_edge=edge,
-        lr_range=_lr_range(lr_tensor, loss_ratio, learning, edge_margin),
+        lr_range=_lr_range(lr_tensor, edge, learning_band(lr_tensor, loss_ratio, learning), edge_margin),
+        speed_edge=speed_band_top(lr_tensor, losses, learning),
         anchor=anchor,
         margin=edge_margin if anchor == "trainability" else onset_margin,
         losses=losses,

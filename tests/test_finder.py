@@ -27,6 +27,7 @@ from lightning_chaos.functional.onset import (
     learning_band,
     learns_well_threshold,
     onset_index,
+    speed_band_top,
     trainability_edge_suggestion,
 )
 
@@ -485,10 +486,10 @@ class MyAdam(torch.optim.Adam):
     ("optimizer", "margin", "anchor", "expected"),
     [
         ("sgd", "auto", "trainability", 1.5),
-        ("adam", "auto", "trainability", 2.5),
-        ("my_adam", "auto", "trainability", 2.5),
-        ("rmsprop", "auto", "trainability", 2.5),
-        ("adam", 2.0, "trainability", 2.0),  # a number the user gives is used as given
+        ("adam", "auto", "trainability", 2.0),
+        ("my_adam", "auto", "trainability", 2.0),
+        ("rmsprop", "auto", "trainability", 2.0),
+        ("adam", 2.5, "trainability", 2.5),  # a number the user gives is used as given
         ("sgd", 3.0, "onset", 3.0),
     ],
 )
@@ -566,7 +567,7 @@ def test_stacked_optimizer_steps_adam_candidates_as_their_own_optimizers_would(c
     assert stacked.suggestion == pytest.approx(sequential.suggestion)
 
 
-def test_the_onset_anchor_keeps_its_margin_under_adam_and_points_to_the_bands_top_over_2_5():
+def test_the_onset_anchor_keeps_its_margin_under_adam_and_points_to_the_bands_top_over_2():
     """``margin="auto"`` changes only the step back from the top of the learning band: the onset anchor's 1.5 was
     chosen on SGD tasks, and under Adam the onset lies below the fastest η anyway (FINDER_RESULTS.md)."""
     pytest.importorskip("sklearn")
@@ -582,7 +583,7 @@ def test_the_onset_anchor_keeps_its_margin_under_adam_and_points_to_the_bands_to
     assert result.onset is not None and result.trainability_edge is not None
     assert result.margin == 1.5 and result.suggestion == pytest.approx(result.onset / 1.5, rel=1e-12)
     told = [str(w.message) for w in record if "learning band" in str(w.message)]
-    assert len(told) == 1 and f"would suggest lr={result.trainability_edge / 2.5:.3g}" in told[0]
+    assert len(told) == 1 and f"would suggest lr={result.trainability_edge / 2:.3g}" in told[0]
 
 
 def test_diverged_candidates_leave_the_stack(monkeypatch):
@@ -1038,3 +1039,56 @@ def test_copies_of_the_lr_attribute_that_disagree_are_named_in_a_warning(caplog)
                       min_lr=0.01, max_lr=1.0, num_lrs=3, steps_per_lr=10, refine=0)
     assert not [w for w in record if "different values" in str(w.message)]
     assert "`lr` is 0.2 and the optimizer's first param group trains at 0.01" in caplog.text
+
+
+def test_the_speed_band_is_the_learning_rates_that_reach_the_level_within_a_quarter_more_steps():
+    """Hand-made loss curves: 1 until step k, then 0. The level is 90 % of the way from 1 to the best end (0), 0.1;
+    the 5-step running mean falls below it at step k + 4. The fewest steps are 10, so the band is s ≤ 1.25·10 + 1."""
+    lrs = torch.tensor([0.01, 0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float64)
+    losses = torch.ones(6, 60, dtype=torch.float64)
+    for row, k in enumerate((36, 6, 8, 26, 2, 3)):
+        losses[row, k:] = 0.0
+    losses[5, 40:] = math.nan  # stopped: out, however fast it was
+    learning = torch.tensor([True, True, True, True, False, True])  # η = 3 reached it first but did not learn
+    assert speed_band_top(lrs, losses, learning) == 0.3  # steps 40, 10, 12, 30: the band is {0.1, 0.3}
+    assert speed_band_top(lrs, losses, learning, tolerance=3.0) == 1.0  # 30 ≤ 3·10 + 1
+    assert speed_band_top(lrs, losses, torch.zeros(6) > 0) is None
+    with pytest.raises(ValueError, match="`level` must be in"):
+        speed_band_top(lrs, losses, learning, level=1.5)
+
+
+def test_on_the_quadratic_the_edge_is_the_lower_of_the_end_bands_and_the_exact_speed_bands_tops():
+    model, result = _offset_quadratic_sweep(0.5, vectorize=True)
+    exact = torch.stack([_exact_losses(model, lr, 40) for lr in result.lrs.tolist()])
+    exact[~torch.isfinite(result.losses)] = math.nan  # the diverged runs stopped where the sweep's did
+    assert result.speed_edge == speed_band_top(result.lrs, exact, result.learning)
+    end_top = learning_band(result.lrs, result.loss_ratio, result.learning)[1]
+    assert result.trainability_edge == min(end_top, result.speed_edge)
+
+
+def test_on_an_easy_real_task_the_speed_band_pulls_the_suggestion_below_the_end_bands_top():
+    """sklearn's wine (178 samples, standardised), a 13-32-3 tanh MLP under SGD: every η from about 0.01 to 3 ends the
+    100-step window low, so the end band's top is 3.16, ten times the fastest η. How fast the loss falls tells them
+    apart: the speed band's top is 1, and the suggestion 1/1.5."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    x, y = datasets.load_wine(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+
+    class WineMLP(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lr = 0.1
+            self.net = nn.Sequential(nn.Linear(13, 32), nn.Tanh(), nn.Linear(32, 3))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    L.seed_everything(0, verbose=False)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, torch.tensor(y)), batch_size=16, shuffle=True)
+    result = find_chaos_lr(quiet_trainer(max_epochs=1), WineMLP(), train_dataloaders=loader)
+    end_top = learning_band(result.lrs, result.loss_ratio, result.learning)[1]
+    assert end_top >= 3 and result.speed_edge == pytest.approx(1.0)
+    assert result.trainability_edge == result.speed_edge and result.suggestion == pytest.approx(1 / 1.5)

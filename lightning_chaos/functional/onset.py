@@ -238,12 +238,82 @@ def learning_band(
     return lrs[int(well[0, 0])].item(), lrs[int(well[-1, 0])].item()
 
 
+SPEED_LEVEL = 0.9  # speed_band_top's default: how far down from the first loss to the sweep's best end-of-window loss
+
+
+def speed_band_top(
+    lrs: Tensor,
+    losses: Tensor,
+    learning: Tensor,
+    level: float = SPEED_LEVEL,
+    tolerance: float = LEARNS_WELL_TOLERANCE,
+    smoothing: int = 5,
+) -> Optional[float]:
+    """The largest η that gets down *fast*: the top of the speed band of a learning-rate sweep.
+
+    The loss level is L* = L_0 − ``level`` · (L_0 − min_η L̄_end), ``level`` of the way from the first loss L_0 (at the
+    initial parameters, the same for every η) down to the best end-of-window loss of the sweep (L̄_end: the mean over
+    the window's last quarter). For each η that learned and stayed finite, s(η) is the first step at which the running
+    mean of its loss over ``smoothing`` steps falls below L*. The band is the η with s(η) ≤ ``tolerance`` · min s + 1,
+    and its top is returned.
+
+    Why: the end-of-window band (:func:`learning_band`) sees where an η ends the window, not how fast it got there. On
+    an easy task every η from 1e-3 to 10 can end the window low, and the band's top then lies 10× above the fastest η
+    (benchmarks/FINDER_RESULTS.md, fifth held-out set). A level 90 % of the way down separates the η that get there in a
+    few steps from those that need the whole window; half way is reached early by almost every η that learns. The
+    running mean keeps one lucky minibatch from counting; the + 1 step keeps a band at all when the fewest is 1–3
+    steps.
+
+    Failure modes: taken alone it rewards η that get down fast and then stall or blow up just after the level (on a
+    deep ReLU MLP its suggestion never reached the target), which is why the finder caps it by the end-of-window band's
+    top (:func:`trainability_edge_suggestion` with ``losses``). Like the end band it reads the training loss of the
+    window: it cannot see an η whose validation accuracy first touches a target while its loss is not yet low (a 2-D
+    toy task, `moons_sgd`, where every rule missed).
+
+    Args:
+        lrs: the swept η, increasing.
+        losses: the training loss per η and optimizer step, [num_lrs, steps] (NaN after a diverged run stopped).
+        learning: whether each η learned.
+        level: the share of the way down that defines the level, in (0, 1].
+        tolerance: how many times the fewest steps still count as fast (≥ 1).
+        smoothing: the running mean's width in steps (≥ 1).
+
+    Returns:
+        The top of the band, or None when no η learned or reached the level.
+
+    Raises:
+        ValueError: for ``level`` outside (0, 1], ``tolerance`` below 1 or ``smoothing`` below 1.
+    """
+    if not 0 < level <= 1 or not tolerance >= 1 or isinstance(smoothing, bool) or not smoothing >= 1:
+        raise ValueError(
+            f"`level` must be in (0, 1], `tolerance` >= 1 and `smoothing` >= 1, got {level!r}, {tolerance!r} and"
+            f" {smoothing!r}"
+        )
+    lrs = torch.as_tensor(lrs, dtype=torch.float64)
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    ok = torch.as_tensor(learning, dtype=torch.bool) & torch.isfinite(losses).all(1)
+    if not ok.any() or losses.shape[1] < smoothing:
+        return None
+    quarter = max(1, losses.shape[1] // 4)
+    first = losses[ok, 0].median()
+    level_loss = first - level * (first - losses[ok, -quarter:].mean(1).min())
+    running = losses.unfold(1, smoothing, 1).mean(2)  # running[i, j]: the mean of steps j … j + smoothing − 1
+    below = (running < level_loss) & ok[:, None]
+    reached = below.any(1)
+    if not reached.any():
+        return None
+    steps = below.double().argmax(1) + (smoothing - 1)  # the step at which that running mean is first known
+    fast = reached & (steps <= tolerance * steps[reached].min() + 1)
+    return lrs[fast].max().item()
+
+
 def trainability_edge_suggestion(
     lrs: Tensor,
     loss_ratio: Tensor,
     learning: Tensor,
     margin: float = 1.5,
     tolerance: float = LEARNS_WELL_TOLERANCE,
+    losses: Optional[Tensor] = None,
 ) -> tuple[Optional[float], Optional[float], str]:
     """The learning rate just below the top of the learning band: its edge η_edge divided by ``margin``.
 
@@ -251,7 +321,9 @@ def trainability_edge_suggestion(
     last quarter / loss at the initial parameters) is within ``tolerance`` × the best ratio of the sweep (for a best
     ratio ≤ 0, a loss that crossed zero: within (``tolerance`` − 1)·|best| above it). "Learns at
     all" (ratio < 0.95) is too lenient: near divergence a run can lower its loss by 10-20 % in the window and then
-    never reach a good accuracy (seen on a small CNN on Fashion-MNIST).
+    never reach a good accuracy (seen on a small CNN on Fashion-MNIST). With ``losses`` (each η's loss per step, as
+    the finder passes them) η_edge is also capped by the top of the speed band (:func:`speed_band_top`): where the
+    window's end cannot tell η apart, how fast they got down can.
 
     Why this anchor (the finder's default): on 14 of the first 15 benchmark tasks (benchmarks/FINDER_RESULTS.md) the
     fastest η sat at or just below the largest η that still learns well (under adaptive optimizers 2–3× below it),
@@ -262,16 +334,19 @@ def trainability_edge_suggestion(
 
     Defaults: ``tolerance`` 1.25 was set on eight tasks and tested on seven more. ``margin`` 1.5 was chosen for the
     onset anchor on five tasks and kept. Below the edge τ grows about like 1/η under SGD, so ``margin`` is also
-    roughly what the step back costs when the edge is exact. Under adaptive optimizers the edge lies further above
-    the fastest η, and :class:`~lightning_chaos.ChaosLRFinder` by default divides by 2.5 there (chosen on two tasks,
-    tested on five held out; benchmarks/FINDER_RESULTS.md).
+    roughly what the step back costs when the edge is exact. Under adaptive optimizers the end band's top lies further
+    above the fastest η, and :class:`~lightning_chaos.ChaosLRFinder` by default divides by 2 there (2.5 before the
+    speed band capped the top; both chosen on design tasks and adopted by rules fixed before held-out sets ran;
+    benchmarks/FINDER_RESULTS.md).
 
     Failure modes: where τ(η) is flat over a wide band and the loss keeps improving past the fastest η (adaptive
-    optimizers), the edge lies 2–3× above the fastest η, and edge/1.5 cost 1.31× the best τ on the digits MLP under
-    Adam and 1.32× on a Fashion-MNIST MLP under AdamW (the finder's ``margin="auto"`` steps back by 2.5 there). Where
-    the edge sits at the fastest η, a large margin costs what it steps back (1.23× on a deep ReLU MLP under Adam at
-    2.5). A window too short for the loss to separate the η (``steps_per_lr``) blurs the band's top. The loss ratio
-    is measured on the training batches of the window, so a band top set by overfitting would not show.
+    optimizers), the end band's top lies 2–3× above the fastest η (edge/1.5 cost 1.31× the best τ on the digits MLP
+    under Adam); the speed band and the larger margin correct most of it. Where the edge sits at the fastest η, a
+    margin costs what it steps back. On tasks that reach the target in a few steps a margin costs steps the target
+    allows few of (1.71× on a breast-cancer MLP under AdamW: 12 steps against 7), and where the fastest η lies above
+    what the window still sees learning (a 2-D toy whose accuracy swings around the target) every margin overshoots
+    the other way. A window too short for the loss to separate the η (``steps_per_lr``) blurs the band's top. The
+    loss is measured on the training batches of the window, so a band top set by overfitting would not show.
 
     Reference: the same idea as the LR range test (L. N. Smith, "Cyclical learning rates for training neural
     networks", WACV 2017, arXiv:1506.01186), which reads the usable learning rates off the loss, but with a fixed
@@ -284,6 +359,8 @@ def trainability_edge_suggestion(
         learning: whether the reference run still learned at each η.
         margin: factor ≥ 1 to step back below the edge.
         tolerance: how much worse than the sweep's best loss ratio still counts as learning well.
+        losses: each η's training loss per step, [num_lrs, steps] (NaN after a diverged run stopped): caps the edge
+            by the speed band's top. None: the end band alone.
 
     Returns:
         ``(suggestion, edge, reason)``. The suggestion is None, with ``reason``, when nothing learns (then the edge is
@@ -299,6 +376,9 @@ def trainability_edge_suggestion(
     if band is None:
         return None, None, _NOTHING_LEARNED
     edge = band[1]
+    if losses is not None:  # how fast, not only where the window ends: the lower of the two tops
+        fast = speed_band_top(lrs, losses, learning, tolerance=tolerance)
+        edge = edge if fast is None else min(edge, fast)
     if edge == lrs[-1].item():
         return None, edge, (
             f"the network still learns well at max_lr={edge:.3g}: widen the grid with a larger `max_lr`"
