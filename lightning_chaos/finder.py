@@ -302,11 +302,11 @@ class ChaosLRFinder(Callback):
         if not attr_name:
             return
         holders = _lightning_get_all_attr_holders(pl_module, attr_name)
-        values = [holder[attr_name] if isinstance(holder, dict) else getattr(holder, attr_name) for holder in holders]
-        numbers = [float(v) for v in values if isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)]
+        found = [(h, h[attr_name] if isinstance(h, dict) else getattr(h, attr_name)) for h in holders]
+        numbers = [(h, float(v)) for h, v in found if isinstance(v, (int, float, Tensor)) and not isinstance(v, bool)]
         actual = unscheduled_lr(optimizer.param_groups[0])
-        if any(not math.isclose(v, base_lr, rel_tol=1e-6) for v in numbers):
-            where = ", ".join(f"{type(h).__name__} {v:.4g}" for h, v in zip(holders, numbers))
+        if any(not math.isclose(v, base_lr, rel_tol=1e-6) for _, v in numbers):
+            where = ", ".join(f"{type(h).__name__} {v:.4g}" for h, v in numbers)
             rank_zero_warn(
                 f"ChaosLRFinder: `{attr_name}` has different values ({where}); like Lightning's LR finder it reads the"
                 f" last, {base_lr:.4g}, and sweeps every param group by η / {base_lr:.4g}, while the optimizer trains"
