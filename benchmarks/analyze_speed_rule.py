@@ -300,7 +300,7 @@ def check_r0(tasks: dict[str, tuple[dict, list[dict]]]) -> str:
 
 def split_by_optimizer(tasks: dict[str, tuple[dict, list[dict]]]) -> tuple[dict, dict]:
     """(adaptive-optimizer tasks, SGD tasks), by the finder's automatic margin (2.5 adaptive, 1.5 otherwise)."""
-    adaptive = {n: v for n, v in tasks.items() if default_margin(TASKS[n]) > 2}
+    adaptive = {n: v for n, v in tasks.items() if default_margin(TASKS[n]) > 1.5}
     return adaptive, {n: v for n, v in tasks.items() if n not in adaptive}
 
 
@@ -392,7 +392,7 @@ def measure(tasks: dict[str, tuple[dict, list[dict]]], rule_name: str, margins: 
     path = os.path.join(RESULTS, MEASURED_FILE)
     with tempfile.TemporaryDirectory() as root:
         for name, (task, finders) in tasks.items():
-            margin = margins["adaptive" if default_margin(TASKS[name]) > 2 else "sgd"]
+            margin = margins["adaptive" if default_margin(TASKS[name]) > 1.5 else "sgd"]
             for finder in finders:
                 top = RULES[rule_name](finder["chaos"])
                 if top is None or _measured(task["runs"], top / margin, finder["seed"]) is not None:

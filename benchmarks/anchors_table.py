@@ -3,15 +3,27 @@
 For every task of the README's table of record (its 20 rows, in its order) it prints, on the seeds that both the
 finder's runs and the anchors' runs hold:
 
-* the finder's median τ, the task's own optimizer at the finder's default suggestion (the top of the learning band
-  over the task's default margin, ``margin="auto"``: 2.5 under adaptive optimizers, else 1.5);
+* the finder's median τ, the task's own optimizer at the finder's default suggestion, by ``--default``:
+
+  - ``r6`` (the default, the finder's rule now): the lower of the end-of-window band's top and the speed band's top
+    (``analyze_speed_rule.r6_min_level90``), over margin 2 under adaptive optimizers, else 1.5;
+  - ``r0`` (the old default, the README table's runs of record): the end-of-window band's top over margin 2.5 under
+    adaptive optimizers, else 1.5;
 * the anchors' median τ: Prodigy, D-Adapt Adam, DoG (averaged), schedule-free AdamW at its default LR, and
   schedule-free AdamW at the finder's suggestion (re-measured with the fixed harness; the ``sf_adamw_chaos`` rows of
   ``anchors_cpu.json.gz`` were made with a harness bug and are not read);
 * the finder's total cost, median over seeds of (the sweep's model steps + τ), next to Prodigy's τ;
 * whether the finder's median τ is below Prodigy's, and on how many seeds its τ is below Prodigy's (ties apart).
 
-Where the finder's τ comes from (the same runs and the same rule as ``bench_finder.readme_table``):
+Where the finder's τ comes from under ``--default r6``: the re-run sweeps of ``analyze_speed_rule.RECORD_SWEEPS_FILES``
+(``speed_record_sweeps*_cpu``, seeds 0–9 of every task, loss curves saved); per seed, top = ``r6_min_level90`` of the
+sweep, suggestion = top / margin (none where top is None or at least the sweep's max_lr: τ never), and τ the run
+measured at that η for that seed (the oracle grids of ``RECORD_GRID_FILES`` and ``speed_measured_cpu``, read by
+``analyze_speed_rule.load_record``; never interpolated: a seed without a measured run is reported and left out of the
+finder's column). The sweep's cost is its own ``model_steps``.
+
+Where the finder's τ comes from under ``--default r0`` (the same runs and the same rule as
+``bench_finder.readme_table`` when it was made):
 
 * the 13 tasks under SGD: runs 4 and 5 (``finder_run4_cpu``, ``finder_run4_fashion_cnn_cpu``, ``finder_run5a/b_cpu``),
   τ at edge/1.5 of each seed's trainability-anchored sweep;
@@ -19,20 +31,22 @@ Where the finder's τ comes from (the same runs and the same rule as ``bench_fin
   ``"auto"`` adopted after held-out set 4);
 * held-out set 4: ``finder_heldout4a/b_cpu`` and ``finder_heldout4_fashion_cnn_adam_h100`` (τ at edge/2.5).
 
-``--current`` reads the 13 SGD tasks from the ``--resuggest`` files instead (the finder with its stacked optimizer
+With ``--default r0``, ``--current`` reads the 13 SGD tasks from the ``--resuggest`` files instead (the finder with its stacked optimizer
 step, as it is now; the suggestion moved on 12 of 300 seeds).
 
-The sweep's cost: ``model_steps`` of the default (trainability-anchored) sweep where the saved run has it; none of
-the finder's saved runs does, so it is estimated as ``len(lrs) × 2 × steps_per_lr`` (one reference and one shadow per
+The sweep's cost under ``r0``: ``model_steps`` of the default (trainability-anchored) sweep where the saved run has
+it; none of the finder's saved runs of record does, so it is estimated as ``len(lrs) × 2 × steps_per_lr`` (one reference and one shadow per
 swept η), an upper bound: the finder drops candidates that diverged (``anchors_*.json.gz`` recorded the real count
 for schedule-free AdamW sweeps: 2460–3000 of the 3000 this estimate gives).
 
 τ = "never" counts as ∞ (a median is never when at least half the seeds fail). Tasks that share one network, one
 dataset and one target (``bench_anchors``' fingerprint; marked ``= X``) share the anchors' runs: only the finder's
-runs differ between them.
+runs differ between them. The seeds are those of the runs of record and the anchors' (0–9 on the MLPs, the anchors'
+seeds on the CNNs) under either rule.
 
-    python benchmarks/anchors_table.py            # markdown to stdout
-    python benchmarks/anchors_table.py --current  # the SGD rows from the --resuggest files
+    python benchmarks/anchors_table.py                         # markdown to stdout, the finder at R6
+    python benchmarks/anchors_table.py --default r0            # the old default (the README table's runs)
+    python benchmarks/anchors_table.py --default r0 --current  # its SGD rows from the --resuggest files
 """
 
 import argparse
@@ -49,6 +63,7 @@ import warnings
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import analyze_speed_rule
 import tasks
 from bench_finder import (
     NEVER,
@@ -85,6 +100,14 @@ RECORD_FILES = {  # files -> the tasks taken from them
 CURRENT_SGD_FILES = ("finder_run4_resuggest_cpu.json.gz", "finder_run5_resuggest1_cpu.json.gz",
                      "finder_run5_resuggest2_cpu.json.gz", "finder_run5_resuggest3_cpu.json.gz")
 
+# The rule behind the finder's column: its margins (under SGD, under an adaptive optimizer).
+MARGINS = {"r6": {"sgd": 1.5, "adaptive": 2.0}, "r0": {"sgd": 1.5, "adaptive": 2.5}}
+RULE_TEXT = {
+    "r6": "R6, the finder's default now: the lower of the end band's and the speed band's tops / 1.5 (SGD) or 2 "
+          "(adaptive), replayed on the re-run sweeps (speed_record_sweeps*_cpu) with τ measured at that η",
+    "r0": "R0, the old default: the top of the end-of-window band / 1.5 (SGD) or 2.5 (adaptive), the runs of record",
+}
+
 ANCHORS_FILE = "anchors_cpu.json.gz"
 SF_CHAOS_FILE = "anchors_sf_chaos_cpu.json.gz"  # schedule-free AdamW at the finder's suggestion, harness fixed
 COLUMNS = (("prodigy", "Prodigy"), ("dadapt_adam", "D-Adapt Adam"), ("dog", "DoG (avg.)"),
@@ -100,8 +123,51 @@ def _load_gz(name: str) -> dict:
         return json.load(fh)
 
 
+def _margin(name: str, rule: str) -> float:
+    """The rule's margin on task ``name``; the table's adaptive tasks must be the ones ``margin="auto"`` counts."""
+    adaptive = name in ADAPTIVE
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        auto = default_margin(tasks.TASKS[name])
+    if adaptive != (auto > MARGINS["r6"]["sgd"]):
+        raise ValueError(f"{name}: ADAPTIVE says {adaptive}, margin='auto' gives {auto}")
+    return MARGINS[rule]["adaptive" if adaptive else "sgd"]
+
+
+def finder_runs_r6() -> tuple[dict[str, dict], list[str]]:
+    """(per task of the table: {seed: {"tau", "lr", "sweep_steps", "estimated", "margin"}} at R6's suggestion,
+    the seeds whose τ at that suggestion was never measured: left out, listed as "task seed s: η")."""
+    record = analyze_speed_rule.load_record(
+        [_path(f) for f in analyze_speed_rule.RECORD_SWEEPS_FILES if os.path.exists(_path(f))])
+    out: dict[str, dict] = {}
+    missing: list[str] = []
+    for name in TABLE_ORDER:
+        if name not in record:
+            raise ValueError(f"{name}: no re-run sweeps in {analyze_speed_rule.RECORD_SWEEPS_FILES}")
+        task, finders = record[name]
+        margin = _margin(name, "r6")
+        per_seed: dict[int, dict] = {}
+        for finder in finders:
+            seed, sweep = finder["seed"], finder["chaos"]
+            if seed in per_seed:
+                raise ValueError(f"{name} seed {seed}: two re-run sweeps")
+            top = analyze_speed_rule.r6_min_level90(sweep)
+            lr = None if top is None or top >= max(sweep["lrs"]) else top / margin
+            tau = NEVER if lr is None else analyze_speed_rule._measured(task["runs"], lr, seed)
+            if tau is None:
+                missing.append(f"{name} seed {seed}: {lr:.4g}")
+                continue
+            steps: Optional[int] = sweep.get("model_steps")
+            estimated = steps is None
+            if estimated:
+                steps = len(sweep["lrs"]) * 2 * sweep["steps_per_lr"]
+            per_seed[seed] = {"tau": tau, "lr": lr, "sweep_steps": steps, "estimated": estimated, "margin": margin}
+        out[name] = per_seed
+    return out, missing
+
+
 def finder_runs(current: bool = False) -> dict[str, dict]:
-    """Per task of the table: {seed: {"tau", "lr", "sweep_steps", "estimated"}} at the finder's default suggestion."""
+    """Per task of the table: {seed: {"tau", "lr", "sweep_steps", "estimated", "margin"}} at R0's suggestion (the old
+    default: the end band's top / 1.5, or 2.5 under adaptive optimizers), from the runs of record."""
     sources = dict(RECORD_FILES)
     if current:
         sources[CURRENT_SGD_FILES] = SGD
@@ -110,9 +176,8 @@ def finder_runs(current: bool = False) -> dict[str, dict]:
     for files, names in sources.items():
         merged = merge_runs([load_run(_path(f)) for f in files])
         for name in names:
-            data, task = merged["tasks"][name], tasks.TASKS[name]
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                margin = default_margin(task)
+            data = merged["tasks"][name]
+            margin = _margin(name, "r0")
             per_seed: dict[int, dict] = {}
             for finder in data["finders"]:
                 seed = finder["seed"]
@@ -185,8 +250,15 @@ def fmt(value: float) -> str:
     return "never" if math.isinf(value) else f"{value:g}"
 
 
-def build(current: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    finders = finder_runs(current)
+def build(current: bool = False, rule: str = "r6") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    record = finder_runs(current)  # the seeds of the table are the runs of record's (and the anchors') under any rule
+    missing: list[str] = []
+    if rule == "r6":
+        finders, missing = finder_runs_r6()
+    elif rule == "r0":
+        finders = record
+    else:
+        raise ValueError(f"rule must be 'r6' or 'r0', got {rule!r}")
     anchors, shared, sf_steps = anchor_runs()
     rows = []
     for name in TABLE_ORDER:
@@ -194,7 +266,12 @@ def build(current: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             continue
         mine = finders[name]
         prodigy = anchors.get((name, "prodigy"), {})
-        seeds = sorted(set(mine) & set(prodigy))
+        seeds = sorted(set(record[name]) & set(prodigy))
+        absent = [s for s in seeds if s not in mine]
+        if absent and rule == "r6":
+            missing += [f"{name} seed {s}: no re-run sweep" for s in absent
+                        if not any(m.startswith(f"{name} seed {s}:") for m in missing)]
+        seeds = [s for s in seeds if s in mine]
         row: dict[str, Any] = {"task": name, "target": tasks.TASKS[name].target, "seeds": seeds,
                                "shared_from": shared.get(name), "margin": mine[seeds[0]]["margin"]}
         f_taus = [mine[s]["tau"] for s in seeds]
@@ -229,6 +306,8 @@ def build(current: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     adaptive = [r for r in rows if r["task"] in ADAPTIVE]
     summary = {
+        "rule": rule,
+        "missing": missing,
         "tasks": len(rows),
         "beats_prodigy": count(rows, "beats_prodigy"),
         "ties_prodigy": count(rows, "ties_prodigy"),
@@ -268,13 +347,16 @@ def _cell(value: tuple[float, int, int], seeds: int) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], current: bool = False) -> str:
+    rule = summary["rule"]
+    estimated = any(r["sweep_estimated"] for r in rows)
+    source = RULE_TEXT[rule] + ("; the SGD rows from the --resuggest files" if rule == "r0" and current else "")
+    cost = ("the sweep's model steps are len(lrs) × 2 × steps_per_lr (an upper bound: not recorded in these runs)"
+            if estimated else "the sweep's model steps as recorded")
     lines = [
         "Median τ over the seeds both hold (optimizer steps to the target; never = ∞; in brackets the seeds that "
-        "reached it). Finder: each task's own optimizer at `find_chaos_lr`'s default suggestion "
-        f"({'the finder as it is now, --resuggest files, for the SGD rows' if current else 'the runs of the README table'}"
-        "). Finder total = median over seeds of (the sweep's model steps + τ); the sweep's model steps are "
-        "len(lrs) × 2 × steps_per_lr (an upper bound: not recorded in these runs). \"= X\": the anchors' runs are "
-        "X's (same network, data and target; only the optimizer differs).",
+        "reached it). Finder: each task's own optimizer at its suggestion by "
+        f"{source}. Finder total = median over seeds of (the sweep's model steps + τ); {cost}. \"= X\": the anchors' "
+        "runs are X's (same network, data and target; only the optimizer differs).",
         "",
         "| task | target | seeds | finder η (median) | **finder τ** | finder sweep | **finder total** | **Prodigy τ** | "
         "D-Adapt Adam | DoG (avg.) | SF-AdamW (default LR) | SF-AdamW @ finder | its total | "
@@ -300,7 +382,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], current: bool 
     s = summary
     lines += [
         "",
-        "\\* estimated, len(lrs) × 2 × steps_per_lr (upper bound). **Bold** tasks: adaptive optimizer (margin 2.5).",
+        ("\\* estimated, len(lrs) × 2 × steps_per_lr (upper bound). " if estimated else "")
+        + f"**Bold** tasks: adaptive optimizer (margin {MARGINS[rule]['adaptive']:g}).",
         "",
         "Summary:",
         "",
@@ -325,6 +408,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], current: bool 
                  f"below Prodigy's on {s['sf_chaos_beats_prodigy']} of the {s['sf_chaos_complete']} tasks it is "
                  "complete on. (Its finder resolved `margin=\"auto\"` to 1.5: AdamWScheduleFree is not one of the "
                  "optimizers `auto_margin` counts as adaptive.)")
+    if s["missing"]:
+        lines.append(f"* **Not measured** (τ at the suggestion never run; those seeds are left out of the finder's "
+                     f"column, not interpolated): {'; '.join(s['missing'])}.")
     if s["sf_chaos_missing"]:
         lines.append(f"* SF-AdamW @ finder (re-measured) incomplete or absent on: {', '.join(s['sf_chaos_missing'])} "
                      "(the CNNs were not re-measured with the fixed harness).")
@@ -333,14 +419,19 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], current: bool 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--default", choices=("r6", "r0"), default="r6", dest="rule",
+                        help="the finder's default rule behind its column: r6 (now) or r0 (the runs of record)")
     parser.add_argument("--current", action="store_true",
-                        help="the SGD rows from the --resuggest files (the finder with its stacked step)")
+                        help="with --default r0: the SGD rows from the --resuggest files (the finder with its "
+                             "stacked step)")
     parser.add_argument("--json", default="", help="also write the rows and the summary here")
     args = parser.parse_args()
+    if args.current and args.rule != "r0":
+        parser.error("--current reads the R0 runs' --resuggest files: use it with --default r0")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_chaos"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    rows, summary = build(args.current)
+    rows, summary = build(args.current, args.rule)
     print(markdown(rows, summary, args.current))
     if args.json:
         with open(args.json, "w") as fh:
