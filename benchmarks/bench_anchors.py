@@ -26,7 +26,8 @@ anchors:
                    recorded in model steps: ``result.model_steps`` where the result has it, else
                    ``len(result.lrs) × 2 × result.steps_per_lr`` (one reference and one shadow per η), with its source.
 
-Extra anchors, not in the default run: ``dog_plain`` (DoG without the averager, τ of the raw iterate) and
+Extra anchors, not in the default run: ``prodigy_chaos`` (Prodigy with its ``lr`` multiplier at the finder's
+suggestion: does sweeping it pay?), ``dog_plain`` (DoG without the averager, τ of the raw iterate) and
 ``sf_adamw_train`` (schedule-free τ read in train mode, the y sequence), to tell apart what the averaging does.
 
 Tasks that differ only in their optimizer (``digits_mlp``/``digits_mom``/``digits_adam``/``digits_rmsprop``,
@@ -133,6 +134,8 @@ ANCHORS: dict[str, Anchor] = {
         Anchor("sf_adamw_chaos", "schedulefree.AdamWScheduleFree @ find_chaos_lr", _sf_adamw, SF_DEFAULT_LR,
                schedule_free=True, eval_mode=True, chaos=True),
         # not in the default run
+        Anchor("prodigy_chaos", "prodigyopt.Prodigy @ find_chaos_lr (its lr, a multiplier of d)", _prodigy, 1.0,
+               chaos=True),
         Anchor("dog_plain", "dog.DoG (no averaging)", _dog, 1.0),
         Anchor("sf_adamw_train", "schedulefree.AdamWScheduleFree, τ in train mode", _sf_adamw, SF_DEFAULT_LR,
                schedule_free=True),
