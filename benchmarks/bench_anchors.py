@@ -77,7 +77,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks
-from bench_finder import NEVER, TimeToTarget, _trainer, fmt_lr, fmt_tau, median_tau
+from bench_finder import NEVER, TimeToTarget, _trainer, fmt_lr, fmt_target, fmt_tau, median_tau
 from tasks import Task
 
 import lightning_chaos
@@ -392,7 +392,8 @@ def table(results: dict, anchors: list[str], task_names: Optional[list[str]] = N
             diverged = sum(r["diverged"] for r in mine if r["anchor"] == anchor)
             cells.append(f"{fmt_tau(median_tau(taus))} ({reached}/{len(taus)}{f', {diverged} div.' if diverged else ''})")
         shared = {r.get("shared_from") for r in mine} - {None}
-        row = [name + (f" (= {', '.join(sorted(shared))})" if shared else ""), f"{target:.0%}",
+        row = [name + (f" (= {', '.join(sorted(shared))})" if shared else ""),
+               fmt_target(tasks.TASKS[name]) if name in tasks.TASKS else f"{target:.0%}",
                "/".join(str(n) for n in sorted(seed_counts)), *cells]
         if "sf_adamw_chaos" in present:
             finders = [f for f in results["finders"].values() if f["task"] == name]
