@@ -89,7 +89,9 @@ class ChaosLRFinderResult:
         lr_range: ``(low, high)`` for ``OneCycleLR(max_lr=high)`` and ``CyclicLR(base_lr=low, max_lr=high)``:
             ``high`` is the top of the learning band, ``low`` the smaller of the band's bottom
             (:func:`~lightning_chaos.functional.onset.learning_band`) and the suggestion below the top (top /
-            margin, whatever the anchor); None when nothing learns or the band reaches ``max_lr``.
+            margin, whatever the anchor); None when nothing learns or the band reaches ``max_lr``. With plain SGD pass
+            ``cycle_momentum=False``: torch's default cycles a momentum the sweep never measured, which broke training
+            at ``high`` in the benchmark (benchmarks/FINDER_RESULTS.md).
         anchor: what the suggestion was derived from, ``"trainability"`` or ``"onset"``.
         margin: the factor the suggestion stepped back from its anchor by (``margin="auto"`` resolved).
         seconds: wall time of the sweep.
