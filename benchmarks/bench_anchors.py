@@ -51,11 +51,9 @@ Torch runs with one intra-op thread (``--threads``).
 
 import argparse
 import contextlib
-import gzip
 import hashlib
 import importlib.metadata
 import io
-import json
 import logging
 import math
 import os
@@ -77,7 +75,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks
-from bench_finder import NEVER, TimeToTarget, _trainer, fmt_lr, fmt_target, fmt_tau, median_tau
+from bench_finder import NEVER, TimeToTarget, _trainer, fmt_lr, fmt_target, fmt_tau, load_run, median_tau, save_json
 from tasks import Task
 
 import lightning_chaos
@@ -287,20 +285,6 @@ def _run_key(task: str, anchor: str, seed: int) -> str:
     return f"{task}|{anchor}|{seed}"
 
 
-def load(path: str) -> dict:
-    with gzip.open(path, "rt") as fh:
-        return json.load(fh)
-
-
-def save(results: dict, path: str) -> None:
-    """Write ``results`` to ``path`` (gzip JSON) through a temporary file, so an interrupted write loses nothing."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with gzip.open(tmp, "wt") as fh:
-        json.dump(results, fh, default=str)
-    os.replace(tmp, path)
-
-
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
            "lightning_chaos": lightning_chaos.__version__}
@@ -313,7 +297,7 @@ def versions() -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    results: dict[str, Any] = load(args.json) if os.path.exists(args.json) else {"meta": [], "runs": {}, "finders": {}}
+    results: dict[str, Any] = load_run(args.json) if os.path.exists(args.json) else {"meta": [], "runs": {}, "finders": {}}
     results["meta"].append({"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": args.threads,
                             "argv": sys.argv, **versions()})
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -353,14 +337,14 @@ def run(args: argparse.Namespace) -> dict:
                             run_ = measure_anchor_tau(task, anchor, lr, seed, root)
                     results["runs"][key] = {"task": name, "anchor": anchor_name, "optimizer": anchor.optimizer,
                                             **run_}
-                    save(results, args.json)
+                    save_json(args.json, results)
                     extra = ""
                     if anchor.chaos:
                         f = results["finders"][f"{name}|{seed}"]
                         extra = f" (sweep {f['seconds']:.1f} s, {f['model_steps']} model steps) {f['reason']}"
                     print(f"[{name}] seed {seed} {anchor_name}: lr {fmt_lr(run_['lr'])} -> τ {fmt_tau(run_['tau'])}"
                           f"{' diverged' if run_['diverged'] else ''} ({run_['seconds']:.1f} s){extra}", flush=True)
-            save(results, args.json)
+            save_json(args.json, results)
     return results
 
 
@@ -455,7 +439,7 @@ def main() -> None:
     if args.from_json:
         merged: dict[str, Any] = {"meta": [], "runs": {}, "finders": {}}
         for path in args.from_json:
-            saved = load(path)
+            saved = load_run(path)
             merged["meta"] += saved["meta"]
             merged["runs"].update(saved["runs"])
             merged["finders"].update(saved["finders"])

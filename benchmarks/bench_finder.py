@@ -108,11 +108,13 @@ class TimeToTarget(Callback):
     at ``target`` (reached from above for ``"loss"``) or on a non-finite training loss."""
 
     def __init__(
-        self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int, metric: str = "accuracy"
+        self, x_val: torch.Tensor, y_val: torch.Tensor, target: float, every: int, metric: str = "accuracy",
+        stop_at_target: bool = True,
     ) -> None:
         if metric not in METRICS:
             raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
         self.x_val, self.y_val, self.target, self.every, self.metric = x_val, y_val, target, every, metric
+        self.stop_at_target = stop_at_target  # False: record τ (the first hit) and train on to the end of the run
         self.tau: Optional[int] = None
         self.diverged = False
         self.curve: list[tuple[int, float]] = []
@@ -136,14 +138,19 @@ class TimeToTarget(Callback):
         step = trainer.global_step
         if step % self.every:
             return
+        self.on_check(trainer, step)
         score = self.accuracy(pl_module)
         self.curve.append((step, score))
         if math.isnan(score):
             self.diverged = True
             trainer.should_stop = True
-        elif target_reached(self.metric, score, self.target):
+        elif self.tau is None and target_reached(self.metric, score, self.target):
             self.tau = step
-            trainer.should_stop = True
+            if self.stop_at_target:
+                trainer.should_stop = True
+
+    def on_check(self, trainer: Trainer, step: int) -> None:
+        """Called at every check, before the score (subclasses record more there)."""
 
 
 ACCELERATOR = "cpu"  # --accelerator

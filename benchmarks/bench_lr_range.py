@@ -84,13 +84,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import io
-import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -98,16 +95,14 @@ import time
 import warnings
 from typing import Any, Callable
 
-import lightning
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_finder import NEVER, TimeToTarget, _trainer, target_reached
+from bench_finder import NEVER, TimeToTarget, _trainer, load_run, run_meta, save_json
 
-import lightning_chaos
 from lightning_chaos import find_chaos_lr
 from lightning_chaos.finder import ADAPTIVE_OPTIMIZERS
 
@@ -129,27 +124,12 @@ class FullRunTimer(TimeToTarget):
     (β1 for Adam) at every check, to show what the scheduler did."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs, stop_at_target=False)
         self.schedule: list[tuple[int, float, float]] = []  # (step, η, momentum or β1) at every check
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss).all():
-            self.diverged = True
-            trainer.should_stop = True
-            return
-        step = trainer.global_step
-        if step % self.every:
-            return
+    def on_check(self, trainer: Trainer, step: int) -> None:
         group = trainer.optimizers[0].param_groups[0]
         self.schedule.append((step, group["lr"], group["betas"][0] if "betas" in group else group.get("momentum", 0.0)))
-        score = self.accuracy(pl_module)
-        self.curve.append((step, score))
-        if math.isnan(score):
-            self.diverged = True
-            trainer.should_stop = True
-        elif self.tau is None and target_reached(self.metric, score, self.target):
-            self.tau = step
 
 
 def is_adaptive(optimizer: Optimizer) -> bool:
@@ -456,34 +436,9 @@ def compare(results: dict, reference: dict) -> str:
 # -- running --------------------------------------------------------------------------------------------------------
 
 
-def load(path: str) -> dict:
-    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as fh:
-        return json.load(fh)
-
-
-def save(path: str, results: dict) -> None:
-    """Write ``results`` through a temporary file, so a run stopped while writing keeps the previous complete file."""
-    opener: Any = gzip.open if path.endswith(".gz") else open
-    with opener(path + ".tmp", "wt") as fh:
-        json.dump(results, fh, default=str)
-    os.replace(path + ".tmp", path)
-
-
-def meta(args: argparse.Namespace) -> dict:
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "lightning_chaos": lightning_chaos.__version__,
-        "threads": args.threads,
-        "argv": sys.argv,
-    }
-
-
 def run(args: argparse.Namespace) -> dict:
-    results: dict[str, Any] = load(args.json) if args.resume and os.path.exists(args.json) else {"tasks": {}}
-    results.setdefault("meta", []).append(meta(args))
+    results: dict[str, Any] = load_run(args.json) if args.resume and os.path.exists(args.json) else {"tasks": {}}
+    results.setdefault("meta", []).append(run_meta(args))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         for name in args.tasks:
@@ -506,9 +461,9 @@ def run(args: argparse.Namespace) -> dict:
                 secs = sum(r.get("seconds", 0.0) for n in args.steps for r in entry["runs"][str(n)].values())
                 print(f"[{name}] seed {seed}: suggestion {f['suggestion']} range {rng} (finder {f['seconds']:.1f} s,"
                       f" trainings {secs:.1f} s)", flush=True)
-                save(args.json, results)
+                save_json(args.json, results)
     results["meta"][-1]["seconds"] = time.perf_counter() - started
-    save(args.json, results)
+    save_json(args.json, results)
     print(f"Total {results['meta'][-1]['seconds']:.0f} s")
     return results
 
@@ -534,9 +489,9 @@ def main() -> None:
         if name.startswith("lightning"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if args.from_json:
-        print(tables(load(args.from_json)))
+        print(tables(load_run(args.from_json)))
         if args.compare:
-            print(compare(load(args.from_json), load(args.compare)))
+            print(compare(load_run(args.from_json), load_run(args.compare)))
         return
     unknown = [name for name in args.tasks if name not in tasks()]
     if unknown:
@@ -545,7 +500,7 @@ def main() -> None:
     print()
     print(tables(results))
     if args.compare:
-        print(compare(results, load(args.compare)))
+        print(compare(results, load_run(args.compare)))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lightning_chaos.finder as finder_module  # noqa: E402
+import lightning_chaos.sweep as sweep_module  # noqa: E402
 from bench_finder import _trainer  # noqa: E402
 from lightning_chaos import find_chaos_lr  # noqa: E402
 from tasks import TASKS  # noqa: E402
@@ -34,9 +34,9 @@ from tasks import TASKS  # noqa: E402
 
 def sweep(task_name: str, seed: int, root: str, stacked_optimizer: bool) -> dict:
     task = TASKS[task_name]
-    original = finder_module.ChaosLRFinder._stacked_optimizer
+    original = sweep_module.LRSweep._stacked_optimizer
     if not stacked_optimizer:
-        finder_module.ChaosLRFinder._stacked_optimizer = lambda self, stacked, candidates: None
+        sweep_module.LRSweep._stacked_optimizer = lambda self, stacked, candidates: None
     try:
         seed_everything(seed, verbose=False)
         dm, model = task.make_datamodule(), task.make_model(task.default_lr)
@@ -45,7 +45,7 @@ def sweep(task_name: str, seed: int, root: str, stacked_optimizer: bool) -> dict
         result = find_chaos_lr(trainer, model, datamodule=dm)
         seconds = time.perf_counter() - started
     finally:
-        finder_module.ChaosLRFinder._stacked_optimizer = original
+        sweep_module.LRSweep._stacked_optimizer = original
     return {
         "seconds": seconds,
         "suggestion": result.suggestion,

@@ -342,17 +342,11 @@ def sgd_tangent_step(
         >>> sgd_tangent_step(u, h @ u, None, lr=0.1)[0]  # (I − 0.1 H) u
         tensor([0.8000, 0.9500])
     """
-    v_d = -hvp if maximize else hvp
-    if weight_decay:
-        v_d = v_d + weight_decay * v_param
-    if not momentum:
-        return v_param - lr * v_d, None
-    if first_step or v_buffer is None:
-        v_b = v_d
-    else:
-        v_b = momentum * v_buffer + (1.0 - dampening) * v_d
-    step = v_d + momentum * v_b if nesterov else v_b
-    return v_param - lr * step, v_b
+    thetas, buffers = sgd_tangent_steps(
+        [v_param], [hvp], None if v_buffer is None else [v_buffer], lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+    )
+    return thetas[0], None if buffers is None else buffers[0]
 
 
 def sgd_tangent_steps(
