@@ -9,6 +9,12 @@ step's forward and a backward that keeps its graph (about one training step), th
 tangents at once (``is_grads_batched``) — and holds one copy of the parameters and optimizer state per tangent, plus a
 QR of a [D, k] matrix per re-orthonormalisation (O(D k²); a norm for k = 1).
 
+Arithmetic (``--flops``): each configuration trains once under ``torch.utils.flop_counter.FlopCounterMode``, which
+counts the floating-point operations of matrix products and convolutions (forward, backward and double backward)
+after the warm-up steps; the probe's arithmetic is that per step minus the plain run's. Unlike times these counts are
+exact and the same on any machine: they give the floor the time ratios tend to once arithmetic, not per-operation
+overhead, dominates (larger models, the GPU).
+
 Peak memory (``--memory``): each configuration trains in its own process and reports its peak resident set size
 (``ru_maxrss``); the probe's memory is that minus the plain run's.
 
@@ -19,8 +25,9 @@ Clock (``--clock``): ``wall``, wall time between batch starts; ``cpu``, the main
 (``time.thread_time``; with one torch thread and no loader workers all the work runs there), which leaves out the time
 the process waits for a core while other jobs share the machine.
 
-Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60] [--model cnn] [--clock cpu] [--memory]``; writes
-benchmarks/results/tangent_cpu.json (``tangent_<model>_cpu.json`` for another model, ``..._memory`` for memory).
+Run: ``python benchmarks/bench_tangent.py [--rounds 5] [--steps 60] [--model cnn] [--clock cpu] [--memory] [--flops]``;
+writes benchmarks/results/tangent_cpu.json (``tangent_<model>_cpu.json`` for another model, ``..._memory`` for memory,
+``..._flops`` for arithmetic).
 """
 
 import argparse
@@ -37,6 +44,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from lightning_chaos import ChaosProbe
 from lightning_chaos.demo import DigitsDataModule, MLPClassifier, SmallCNN
@@ -60,8 +68,38 @@ class StepTimer(Callback):
         self.starts.append(self.clock())
 
 
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                       _output_padding, _groups, output_mask, out_shape=None) -> int:
+    """Each gradient of a convolution (input, weight) costs what its forward does.
+
+    torch's own formula counts the weight gradient of a grouped convolution as if it were dense (``groups`` times too
+    many), which is what vmap makes of the batched shadows' convolutions.
+    """
+    return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+class FlopCounter(Callback):
+    """Floating-point operations of every step after the warm-up (FlopCounterMode: products and convolutions)."""
+
+    def __init__(self) -> None:
+        self.mode = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == WARMUP:
+            self.mode.__enter__()
+        self.steps += trainer.global_step >= WARMUP
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.mode.__exit__(None, None, None)
+
+    @property
+    def per_step(self) -> float:
+        return self.mode.get_total_flops() / self.steps
+
+
 def configurations() -> dict:
-    configs = {"none": lambda: []}
+    configs: dict = {"none": list}
     for k in (1, 4, 16):
         configs[f"tangent_k{k}"] = lambda k=k: [TangentProbe(num_exponents=k)]
     for k in (1, 4, 16):
@@ -73,13 +111,16 @@ MODELS = {"mlp": (MLPClassifier, "MLPClassifier 64-128-10 tanh, SGD, batch 64, s
           "cnn": (SmallCNN, "SmallCNN conv(1→8)-conv(8→16)-linear, ReLU, SGD, batch 64, sklearn digits 8×8")}
 
 
-def run_once(probes: list, steps: int, model: str = "mlp", clock: str = "wall") -> float:
+def run_once(probes: list, steps: int, model: str = "mlp", clock: str = "wall", flops: bool = False) -> float:
+    """Median time per step (``clock``), or with ``flops`` the floating-point operations per step."""
     L.seed_everything(0, verbose=False)
-    timer = StepTimer(clock)
+    timer = FlopCounter() if flops else StepTimer(clock)
     trainer = L.Trainer(max_steps=steps + WARMUP + 1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer, *probes])
     trainer.fit(MODELS[model][0](), DigitsDataModule(batch_size=64))
+    if isinstance(timer, FlopCounter):
+        return timer.per_step
     deltas = [b - a for a, b in zip(timer.starts, timer.starts[1:])][WARMUP:]
     return statistics.median(deltas)
 
@@ -92,6 +133,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--configs", help="comma-separated subset of the configurations (no file written)")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, one process each")
+    parser.add_argument("--flops", action="store_true", help="floating-point operations per step, exact")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print its peak RSS
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -118,15 +160,30 @@ def main(argv=None) -> dict:
         for name in configs:
             print(f"{name:<14} {peak[name]:8.1f} {extra.get(name, 0.0):9.1f}")
         return result
+    pairs = {"tangent_k1_over_one_shadow": ("tangent_k1", "chaos_k1"),
+             "tangent_k16_over_tangent_k1": ("tangent_k16", "tangent_k1"),
+             "tangent_k4_over_tangent_k1": ("tangent_k4", "tangent_k1")}
+    if args.flops:
+        count = {name: run_once(make(), args.steps, args.model, flops=True) for name, make in configs.items()}
+        extra = {name: count[name] - count["none"] for name in configs if name != "none"}
+        ratios = {name: extra[a] / extra[b] for name, (a, b) in pairs.items() if a in extra and b in extra}
+        result = {"model": MODELS[args.model][1], "torch": torch.__version__, "steps": args.steps,
+                  "flops_per_step": count, "probe_extra_flops": extra, "ratios": ratios}
+        if not args.configs:
+            (RESULTS.parent / f"tangent{suffix}_flops.json").write_text(json.dumps(result, indent=2))
+        print(f"{'configuration':<14} {'MFLOP/step':>11} {'probe':>8} {'× plain':>8}")
+        for name in configs:
+            print(f"{name:<14} {count[name] / 1e6:11.2f} {extra.get(name, 0.0) / 1e6:8.2f}"
+                  f" {extra.get(name, 0.0) / count['none']:8.2f}")
+        for name, value in ratios.items():
+            print(f"{name}: {value:.2f}")
+        return result
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, make in configs.items():
             times[name].append(run_once(make(), args.steps, args.model, args.clock))
     median = {name: statistics.median(values) for name, values in times.items()}
     cost = {name: median[name] - median["none"] for name in configs if name != "none"}
-    pairs = {"tangent_k1_over_one_shadow": ("tangent_k1", "chaos_k1"),
-             "tangent_k16_over_tangent_k1": ("tangent_k16", "tangent_k1"),
-             "tangent_k4_over_tangent_k1": ("tangent_k4", "tangent_k1")}
     ratios = {name: cost[a] / cost[b] for name, (a, b) in pairs.items() if a in cost and b in cost}
     result = {
         "model": MODELS[args.model][1],

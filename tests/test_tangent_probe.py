@@ -377,6 +377,32 @@ def test_logs_the_spectrum_and_the_sharpness_with_its_threshold(tmp_path):
     assert float(logged[-1]["chaos/sharpness_threshold"]) == pytest.approx(2 / 0.3)
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_k_tangents_cost_one_replayed_step_and_k_products(model):
+    """The cost formula the docs state, counted exactly (floating-point operations of products and convolutions, the
+    double backward's included): a probed step is the real step, one replay of it (forward and a backward that keeps
+    its graph) and one Hessian-vector product per tangent: k tangents add k products, not k forwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_chaos.demo import SmallCNN
+
+    def flops(k):
+        L.seed_everything(0, verbose=False)
+        probes = [TangentProbe(num_exponents=k)] if k else []
+        with FlopCounterMode(display=False) as counter:
+            quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=probes).fit(
+                SmallCNN() if model == "cnn" else MLPClassifier(), datamodule=DigitsDataModule())
+        assert not probes or probes[0].spectrum_history.shape[0] == 4  # every step probed
+        return counter.get_total_flops()
+
+    plain, one, two, three = (flops(k) for k in range(4))
+    product = two - one
+    assert product > 0 and three - two == product  # each tangent: one more product, nothing else
+    assert one - product == 2 * plain  # the replay is the real step's arithmetic again, once
+    # the product's arithmetic next to a gradient's: why one tangent cannot cost as little as one shadow step
+    assert 1.1 * plain < product < 2.1 * plain
+
+
 def test_edge_of_stability_example_quick():
     """The example in --quick mode: full-batch GD sharpens until the sharpness reaches 2/η and stays near it."""
     example = load_example("edge_of_stability")
