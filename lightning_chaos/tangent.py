@@ -9,7 +9,6 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.func import replace_all_batch_norm_modules_
 from torch.optim import Optimizer
 
 from lightning_chaos import logging as chaos_logging
@@ -462,7 +461,6 @@ class TangentProbe(Callback):
                 pairs: list[tuple[Tensor, dict[str, Any]]]) -> None:
         self._params = [p for p, _ in pairs]
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
-        replace_all_batch_norm_modules_(shadow)  # no running-statistics update of batched tensors; same batch stats
         self._step_module = _TrainingStepAsForward(shadow)
         # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in
         self._module_pairs = list(zip(pl_module.modules(), shadow.modules()))
@@ -514,9 +512,10 @@ class TangentProbe(Callback):
                     i = index.get(id(p))
                     shadow._parameters[name] = leaves[i] if i is not None else p.detach()  # type: ignore[assignment]
             for name, b in real._buffers.items():
-                # None in the copy: a BatchNorm's running statistics, which the copy does not keep
+                # BatchNorm's running statistics among them: an eval-mode (frozen) BatchNorm normalises with them
                 if b is not None and shadow._buffers.get(name) is not None:
-                    # copies: a training_step that updates a buffer in place must not write into the real one
+                    # copies: a training_step that updates a buffer in place (a train-mode BatchNorm) must not write
+                    # into the real one
                     if id(b) not in clones:
                         clones[id(b)] = b.detach().clone()
                     shadow._buffers[name] = clones[id(b)]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_chaos import ChaosProbe
-from lightning_chaos.demo import DigitsDataModule, MLPClassifier
+from lightning_chaos.demo import DigitsDataModule, MLPClassifier, load_digits_tensors
 from lightning_chaos.functional.tangent import qr_renormalize
 from lightning_chaos.tangent import TangentProbe
 
@@ -130,6 +130,21 @@ def test_top_exponent_agrees_with_chaos_probe_on_a_real_float64_mlp():
     assert tangent.lyapunov_spectrum.item() == pytest.approx(shadow.running_exponents.item(), rel=0.1)
 
 
+class BatchNormMLP(MLPClassifier):
+    """The quickstart MLP with a BatchNorm after its hidden layer; ``frozen`` keeps the BatchNorm in eval mode (its
+    running statistics normalise), as fine-tuning recipes do."""
+
+    def __init__(self, frozen=False, **kwargs):
+        super().__init__(hidden=(32,), **kwargs)
+        self.frozen = frozen
+        self.norm = nn.BatchNorm1d(32)
+        self.net = nn.Sequential(self.net[0], self.norm, *self.net[1:])
+
+    def on_train_epoch_start(self):
+        if self.frozen:
+            self.norm.eval()
+
+
 # -- the callback's contract ----------------------------------------------------------------------------------------
 
 
@@ -177,6 +192,24 @@ def test_observation_never_perturbs(optimizer):
     for a, b in zip(plain[2].metrics, probed[2].metrics):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(plain[3], probed[3]) and np.array_equal(plain[4], probed[4])
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
+def test_batch_norm_statistics_are_never_perturbed(frozen):
+    """The replay runs the BatchNorm on copies of its running statistics: the real ones end bit-identical."""
+
+    def run(probes):
+        L.seed_everything(0, verbose=False)
+        model = BatchNormMLP(frozen=frozen, lr=0.5, momentum=0.9)
+        quiet_trainer(max_steps=8, limit_val_batches=0, callbacks=probes).fit(model, datamodule=DigitsDataModule())
+        return model
+
+    probe = TangentProbe(num_exponents=2)
+    plain, probed = run([]), run([probe])
+    assert probe.trusted and probe.spectrum_history.shape[0] == 7  # momentum: from the second step
+    for a, b in zip([*plain.parameters(), *plain.buffers()], [*probed.parameters(), *probed.buffers()]):
+        assert torch.equal(a, b)
+    assert int(probed.norm.num_batches_tracked) == (0 if frozen else 8)
 
 
 def test_a_parameter_storage_swapped_between_steps_is_followed():
@@ -262,13 +295,9 @@ def test_accumulated_halves_equal_whole_batches(optimizer):
     torch.testing.assert_close(halves[1], whole[1], rtol=1e-7, atol=0)
 
 
-@pytest.mark.parametrize("algorithm, clip", [("norm", 0.05), ("value", 0.002), (None, 0.0)])
-def test_a_clipped_step_is_linearised_exactly(algorithm, clip):
-    """Lightning's clipping (by norm or by value, active here) goes into the tangent map: the first tangent growth
-    ln‖J u₀‖ equals central finite differences of the real clipped training step along u₀, fitted by Lightning
-    from θ₀ ± h u₀ (float64, full batch)."""
-    torch.manual_seed(0)
-    base = MLPClassifier(hidden=(32,), lr=2.0).double()
+def _first_growth_against_finite_differences(base, **trainer_kwargs):
+    """The probe's first tangent growth ln‖J u₀‖ and central finite differences of the real training step along u₀,
+    fitted by Lightning from θ₀ ± h u₀ (float64, full batch)."""
     size = sum(p.numel() for p in base.parameters())
     u0, _ = qr_renormalize(torch.randn(size, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
 
@@ -277,8 +306,7 @@ def test_a_clipped_step_is_linearised_exactly(algorithm, clip):
         torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(model.parameters()) + offset,
                                             model.parameters())
         probe = TangentProbe()
-        clipping = dict(gradient_clip_val=clip, gradient_clip_algorithm=algorithm) if algorithm else {}
-        quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe], **clipping).fit(
+        quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[probe], **trainer_kwargs).fit(
             model, DigitsDataModule(batch_size=None, dtype=torch.float64))
         return torch.nn.utils.parameters_to_vector(model.parameters()).detach(), probe
 
@@ -286,7 +314,31 @@ def test_a_clipped_step_is_linearised_exactly(algorithm, clip):
     h = 1e-7
     difference = (step_from(h * u0[:, 0])[0] - step_from(-h * u0[:, 0])[0]) / (2 * h)
     assert probe.trusted and probe.spectrum_history.shape == (1, 1)
-    assert probe.spectrum_history[0, 0].item() == pytest.approx(difference.norm().log().item(), abs=1e-8)
+    return probe.spectrum_history[0, 0].item(), difference.norm().log().item()
+
+
+@pytest.mark.parametrize("algorithm, clip", [("norm", 0.05), ("value", 0.002), (None, 0.0)])
+def test_a_clipped_step_is_linearised_exactly(algorithm, clip):
+    """Lightning's clipping (by norm or by value, active here) goes into the tangent map."""
+    torch.manual_seed(0)
+    clipping = dict(gradient_clip_val=clip, gradient_clip_algorithm=algorithm) if algorithm else {}
+    growth, difference = _first_growth_against_finite_differences(
+        MLPClassifier(hidden=(32,), lr=2.0).double(), **clipping)
+    assert growth == pytest.approx(difference, abs=1e-8)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
+def test_a_batch_norm_step_is_linearised_exactly(frozen):
+    """BatchNorm in train mode (the batch's statistics, differentiated through) and frozen in eval mode (the running
+    statistics the real model has, constants of the step)."""
+    torch.manual_seed(0)
+    model = BatchNormMLP(frozen=frozen, lr=2.0)
+    with torch.no_grad():  # running statistics of real data, not the initial zeros and ones
+        hidden = model.net[0](load_digits_tensors()[0])
+        model.norm.running_mean.copy_(hidden.mean(0))
+        model.norm.running_var.copy_(hidden.var(0) * 2)  # not the batch's: frozen and train mode normalise differently
+    growth, difference = _first_growth_against_finite_differences(model.double())
+    assert growth == pytest.approx(difference, abs=1e-8)
 
 
 class ManualModel(DropoutMLP):
