@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from lightning_chaos import logging as chaos_logging
 from lightning_chaos._validation import check_flag
@@ -100,11 +101,13 @@ class TangentProbe(Callback):
     Observation does not perturb: the real weights, gradients, optimizer state, random streams and logged metrics are
     bit-identical with and without the probe. A check on every step compares the replayed loss's gradient with the
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
-    and marks the results untrusted (:attr:`trusted`).
+    and marks the results untrusted (:attr:`trusted`). So does a change to the parameters between two optimizer
+    steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``): the tangents follow the optimizer's
+    update, not what a hook does to the weights after it.
 
     Cost per probed step: the replayed forward, a backward that keeps its graph and one more backward for the k
     tangents together (about 2.5× a training step's gradient for k = 1), one copy of the parameters and optimizer
-    state per tangent, and a QR of a [D, k] matrix (a norm for k = 1); with
+    state per tangent, one more copy of the parameters (θ as the real step left it, for the check above), and a QR of a [D, k] matrix (a norm for k = 1); with
     ``sharpness=True`` up to 20 more Hessian-vector products every ``sharpness_every`` steps (fewer when warm).
 
     Args:
@@ -204,6 +207,11 @@ class TangentProbe(Callback):
         self._params: list[Tensor] = []
         self._leaves: tuple[Tensor, ...] = ()
         self._step_module: Optional[_TrainingStepAsForward] = None
+        # θ as the real optimizer step left it (and the parameters' version counters then), to notice a change made
+        # to the parameters between two steps, outside the map the tangents follow
+        self._after_step: Optional[list[Tensor]] = None
+        self._after_step_versions: list[tuple[int, int]] = []
+        self._step_hook: Optional[RemovableHandle] = None
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
 
@@ -286,7 +294,8 @@ class TangentProbe(Callback):
 
     @property
     def trusted(self) -> bool:
-        """False once the replayed loss's gradient differed from the real one (see the class docstring)."""
+        """False once the replayed loss's gradient differed from the real one, or the parameters changed between two
+        steps outside the optimizer (see the class docstring)."""
         return self._trusted
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
@@ -424,6 +433,10 @@ class TangentProbe(Callback):
         rank_zero_warn(message + " The real training continues unaffected.")
 
     def _release(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._after_step = None
         self._tangents = None
         self._step_module = None
         self._params = []
@@ -460,6 +473,7 @@ class TangentProbe(Callback):
     def _attach(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer,
                 pairs: list[tuple[Tensor, dict[str, Any]]]) -> None:
         self._params = [p for p, _ in pairs]
+        self._step_hook = optimizer.register_step_post_hook(self._record_real_step)
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
         self._step_module = _TrainingStepAsForward(shadow)
         # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in
@@ -531,6 +545,7 @@ class TangentProbe(Callback):
             rank_zero_warn("TangentProbe: the set of trainable parameters changed (a finetuning callback, a new param"
                            " group): the state space changed, so probing stopped here. The results so far stay.")
             return
+        self._check_untouched()
         gradients, hvp = self._differentiate(trainer, pl_module)
         n = len(self._params)
         with torch.no_grad():
@@ -606,6 +621,39 @@ class TangentProbe(Callback):
         replayed = [g.detach().clone() for g in gradients]  # copies: reduced in place, and the graph needs its own
         all_reduce_mean(replayed, world_size)
         return tuple(replayed), hvp
+
+    def _record_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After the real optimizer's step (a step post-hook): θ as the step left it."""
+        try:
+            with torch.no_grad():
+                params = [p.detach() for p in self._params]
+                if self._after_step is None or len(self._after_step) != len(params):
+                    self._after_step = [p.clone() for p in params]
+                else:
+                    torch._foreach_copy_(self._after_step, params)
+            self._after_step_versions = [(p._version, p.data_ptr()) for p in self._params]
+        except Exception:  # inside the real step: never let the probe's bookkeeping reach it
+            self._after_step = None
+
+    def _check_untouched(self) -> None:
+        """θ now against θ as the last real step left it: the tangent map is the optimizer's update, so a change
+        made to the parameters in between (a constraint or projection in a hook, weights loaded or averaged into the
+        model) is a part of the real map that the tangents miss. Version counters make the usual case free."""
+        after, self._after_step_versions, versions = self._after_step, [], self._after_step_versions
+        if after is None or not self._trusted or len(versions) != len(self._params):
+            return
+        if all(version == (p._version, p.data_ptr()) for version, p in zip(versions, self._params)):
+            return
+        if all(torch.equal(a, p) for a, p in zip(after, self._params)):
+            return  # written or swapped, with the same values (weights swapped out for validation and back)
+        self._trusted = False
+        rank_zero_warn(
+            f"TangentProbe: before step {self._attach_step + self._steps} the parameters changed after the optimizer's"
+            " step, outside it (a max-norm constraint or projection in a hook such as on_train_batch_end or"
+            " optimizer_step, weights loaded, averaged or reset into the model). The tangents follow the optimizer's"
+            " update only, not that change: results UNTRUSTED. ChaosProbe's shadows run the module's hooks and follow"
+            " it."
+        )
 
     def _check_replay(self, gradients: tuple[Tensor, ...]) -> None:
         """The replayed gradient against the real ``.grad``: a cheap proof that the replay saw the real step."""

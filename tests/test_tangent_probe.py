@@ -194,6 +194,23 @@ def test_observation_never_perturbs(optimizer):
     assert torch.equal(plain[3], probed[3]) and np.array_equal(plain[4], probed[4])
 
 
+def test_parameters_changed_outside_the_optimizer_step_are_said():
+    """A hook that rescales the weights after each step is part of the real map, not of the optimizer's update that
+    the tangents follow: the probe says so (and never touches the training)."""
+
+    class Shrink(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.mul_(0.999)
+
+    probe = TangentProbe(num_exponents=1)
+    with pytest.warns(UserWarning, match="parameters changed after the optimizer's step.*UNTRUSTED"):
+        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[Shrink(), probe]).fit(
+            MLPClassifier(), datamodule=DigitsDataModule())
+    assert not probe.trusted and probe.spectrum_history.shape[0] == 4
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
 def test_batch_norm_statistics_are_never_perturbed(frozen):
     """The replay runs the BatchNorm on copies of its running statistics: the real ones end bit-identical."""
@@ -212,14 +229,20 @@ def test_batch_norm_statistics_are_never_perturbed(frozen):
     assert int(probed.norm.num_batches_tracked) == (0 if frozen else 8)
 
 
-def test_a_parameter_storage_swapped_between_steps_is_followed():
+@pytest.mark.parametrize("how", ["swapped", "rewritten"])
+def test_a_parameter_storage_swapped_between_steps_is_followed(how):
     """The probe keeps its θ leaves from step to step as views of the parameters; a ``p.data = ...`` swap between
-    steps must be noticed, or the tangents would go through stale weights."""
+    steps must be noticed, or the tangents would go through stale weights. Neither a swap nor an in-place rewrite
+    with the same values changes the map: the results stay trusted."""
 
     class Swap(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             for p in pl_module.parameters():
-                p.data = p.data.clone()
+                if how == "swapped":
+                    p.data = p.data.clone()
+                else:
+                    with torch.no_grad():
+                        p.copy_(p.clone())
 
     def run(extra):
         L.seed_everything(0, verbose=False)

@@ -1,6 +1,7 @@
-"""TangentProbe on modules it did not write: a Hugging Face BERT (SDPA attention and hidden dropout, AdamW) and
-Lightning's LSTM demo (a hidden state kept across batches, gradient clipping). Each fit is bit-identical with and
-without the probe, and the replayed gradient matches the real one (``trusted``), or the probe says why not.
+"""TangentProbe on modules it did not write: a Hugging Face BERT (SDPA attention and hidden dropout, AdamW),
+Lightning's LSTM demo (a hidden state kept across batches, gradient clipping) and a max-norm constraint in a hook.
+Each fit is bit-identical with and without the probe, and the replayed gradient matches the real one (``trusted``),
+or the probe says why not.
 
 The cases are the suite's own, so the README's setups table (the ChaosProbe's) does not grow."""
 
@@ -14,6 +15,7 @@ from test_transformers import CASES as TRANSFORMER_CASES
 BERT = next(case for case in TRANSFORMER_CASES if "Bert" in case.name)
 GPT2 = next(case for case in TRANSFORMER_CASES if "eager" in case.name)
 LSTM_DEMO = next(case for case in HOOK_CASES if case.name == "LightningLSTM-demo")
+MAX_NORM = next(case for case in HOOK_CASES if case.name == "on_train_batch_end-max-norm")
 
 
 def test_bert_with_dropout_and_adamw():
@@ -40,3 +42,13 @@ def test_lightning_lstm_demo_says_it_cannot_be_trusted():
     assert_same_training(run, plain_run(LSTM_DEMO))
     assert probe.trusted is False
     assert run.warned("TangentProbe: at step 0 .* UNTRUSTED")
+
+
+def test_a_max_norm_constraint_in_a_hook_is_said():
+    """The module renormalises its weights in ``on_train_batch_end``, after the optimizer's step: a part of the
+    training map the tangents (the optimizer's update, linearised) do not follow. Said from the first step after."""
+    probe = TangentProbe(num_exponents=1)
+    run = fit(MAX_NORM, callbacks=[probe])
+    assert_same_training(run, plain_run(MAX_NORM))
+    assert probe.trusted is False
+    assert run.warned("TangentProbe: before step 2 the parameters changed after the optimizer's step.*UNTRUSTED")
