@@ -184,6 +184,8 @@ class TangentProbe(Callback):
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "_step_hook", None) is not None:
+            self._forget_real_step()
         self._disabled = False
         self._stopped = False
         self._steps = 0  # probed optimizer steps
@@ -353,6 +355,7 @@ class TangentProbe(Callback):
             self._micro = []
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._forget_real_step()  # the tangents stay, for a checkpoint saved after the fit
         if self._steps == 0:
             return
         self._log(trainer, trainer.global_step)
@@ -433,10 +436,7 @@ class TangentProbe(Callback):
         rank_zero_warn(message + " The real training continues unaffected.")
 
     def _release(self) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        self._after_step = None
+        self._forget_real_step()
         self._tangents = None
         self._step_module = None
         self._params = []
@@ -621,6 +621,12 @@ class TangentProbe(Callback):
         replayed = [g.detach().clone() for g in gradients]  # copies: reduced in place, and the graph needs its own
         all_reduce_mean(replayed, world_size)
         return tuple(replayed), hvp
+
+    def _forget_real_step(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._after_step = None
 
     def _record_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """After the real optimizer's step (a step post-hook): θ as the step left it."""

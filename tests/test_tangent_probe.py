@@ -205,10 +205,11 @@ def test_parameters_changed_outside_the_optimizer_step_are_said():
                     p.mul_(0.999)
 
     probe = TangentProbe(num_exponents=1)
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[Shrink(), probe])
     with pytest.warns(UserWarning, match="parameters changed after the optimizer's step.*UNTRUSTED"):
-        quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=[Shrink(), probe]).fit(
-            MLPClassifier(), datamodule=DigitsDataModule())
+        trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
     assert not probe.trusted and probe.spectrum_history.shape[0] == 4
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks  # the probe's step hook is gone with the fit
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
