@@ -48,6 +48,21 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
+def _relative_gap(tensors: list[Tensor], reference: list[Tensor]) -> float:
+    """‖tensors − reference‖ / ‖reference‖ over all blocks (absolute if the reference is 0)."""
+    # a few fused kernels over all parameters (foreach), norms accumulated in float64, one host synchronisation
+    norms = torch._foreach_norm([*torch._foreach_sub(tensors, reference), *reference], 2, dtype=torch.float64)
+    difference, norm = torch.stack(norms).square().view(2, -1).sum(dim=1).tolist()
+    return math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference)
+
+
+def _fingerprint(tensors: list[Tensor], norms: bool = True) -> tuple[list[tuple[int, int]], Tensor]:
+    """Storage and version counter of each tensor (equal: untouched since), and their norms in float64 (equal
+    after a write: the same values), one fused kernel and no host synchronisation."""
+    versions = [(t.data_ptr(), t._version) for t in tensors]
+    return versions, (torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)) if norms else torch.empty(0))
+
+
 class _TrainingStepAsForward(nn.Module):
     """A LightningModule's ``training_step`` presented as ``forward``, for ``functional_call``."""
 
@@ -101,9 +116,11 @@ class TangentProbe(Callback):
     Observation does not perturb: the real weights, gradients, optimizer state, random streams and logged metrics are
     bit-identical with and without the probe. A check on every step compares the replayed loss's gradient with the
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
-    and marks the results untrusted (:attr:`trusted`). So does a change to the parameters between two optimizer
-    steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``): the tangents follow the optimizer's
-    update, not what a hook does to the weights after it.
+    and marks the results untrusted (:attr:`trusted`). So do, checked after each real step, gradients edited after
+    this callback's ``on_before_optimizer_step`` (the module's own hook runs after the callbacks'; a
+    ``configure_gradient_clipping`` that clips with its own value), and a change to the parameters between two
+    optimizer steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``): the tangents follow the
+    optimizer's update of the gradients they saw, not what a hook does to either.
 
     Cost per probed step: the replayed forward, a backward that keeps its graph and one more backward for the k
     tangents together (about 2.5× a training step's gradient for k = 1), one copy of the parameters and optimizer
@@ -184,7 +201,7 @@ class TangentProbe(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        if getattr(self, "_step_hook", None) is not None:
+        if getattr(self, "_step_hooks", None):
             self._forget_real_step()
         self._disabled = False
         self._stopped = False
@@ -213,7 +230,11 @@ class TangentProbe(Callback):
         # to the parameters between two steps, outside the map the tangents follow
         self._after_step: Optional[list[Tensor]] = None
         self._after_step_versions: list[tuple[int, int]] = []
-        self._step_hook: Optional[RemovableHandle] = None
+        # the gradients the tangents were stepped with (a fingerprint of the .grad tensors, and the clipped ones when
+        # Lightning clips), against those the real optimizer then stepped with
+        self._grads_seen: Optional[tuple[list[tuple[int, int]], Tensor]] = None
+        self._clipped: Optional[list[Tensor]] = None
+        self._step_hooks: list[RemovableHandle] = []
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
 
@@ -296,8 +317,9 @@ class TangentProbe(Callback):
 
     @property
     def trusted(self) -> bool:
-        """False once the replayed loss's gradient differed from the real one, or the parameters changed between two
-        steps outside the optimizer (see the class docstring)."""
+        """False once the replayed loss's gradient differed from the real one, the optimizer stepped with gradients
+        edited after the probe saw them, or the parameters changed between two steps outside the optimizer (see the
+        class docstring)."""
         return self._trusted
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
@@ -473,7 +495,9 @@ class TangentProbe(Callback):
     def _attach(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer,
                 pairs: list[tuple[Tensor, dict[str, Any]]]) -> None:
         self._params = [p for p, _ in pairs]
-        self._step_hook = optimizer.register_step_post_hook(self._record_real_step)
+        # Lightning's closure (the forward, backward, on_before_optimizer_step, clipping) runs inside step(): only a
+        # post-hook sees what the update used
+        self._step_hooks = [optimizer.register_step_post_hook(self._record_real_step)]
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
         self._step_module = _TrainingStepAsForward(shadow)
         # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in
@@ -553,9 +577,12 @@ class TangentProbe(Callback):
         assert self._tangents is not None  # attached above
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
+        self._grads_seen = _fingerprint(grads)
+        self._clipped = None
         if trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
             algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
             grads, products = clip_tangent(grads, products, float(trainer.gradient_clip_val), str(algorithm))
+            self._clipped = grads
         self._tangents = self._step_tangents(optimizer, pairs, tuple(products), grads)
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
@@ -623,15 +650,41 @@ class TangentProbe(Callback):
         return tuple(replayed), hvp
 
     def _forget_real_step(self) -> None:
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
+        for hook in self._step_hooks:
+            hook.remove()
+        self._step_hooks = []
         self._after_step = None
+        self._grads_seen, self._clipped = None, None
+
+    def _check_real_gradients(self) -> None:
+        """After the real step: did the optimizer step with the gradients the tangents were stepped with? An edit
+        after this callback's ``on_before_optimizer_step`` (the module's own runs after the callbacks', and so do
+        callbacks later in the list; so does a ``configure_gradient_clipping`` that clips with its own value) goes
+        unseen by the replay check. The optimizers the probe supports leave ``.grad`` as they found it."""
+        seen, clipped, self._grads_seen, self._clipped = self._grads_seen, self._clipped, None, None
+        if seen is None or not self._trusted:
+            return
+        real = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if clipped is not None:  # Lightning's clipping wrote into them: compare with the clipping the tangents assumed
+            edited = _relative_gap(clipped, real) > _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
+        else:  # the tangents used the .grad tensors themselves: untouched (the usual case, free) or the same values
+            versions, norms = seen
+            edited = versions != _fingerprint(real, norms=False)[0] and not torch.equal(norms, _fingerprint(real)[1])
+        if edited:
+            self._trusted = False
+            rank_zero_warn(
+                f"TangentProbe: at step {self._attach_step + self._steps - 1} the optimizer stepped with other"
+                " gradients than the ones the probe saw in its on_before_optimizer_step: something edited them after"
+                " it (the LightningModule's on_before_optimizer_step, a callback after TangentProbe in the list, a"
+                " configure_gradient_clipping that clips with its own value). The tangents follow another map than the"
+                " real one: results UNTRUSTED."
+            )
 
     def _record_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """After the real optimizer's step (a step post-hook): θ as the step left it."""
+        """After the real optimizer's step (a step post-hook): the gradients it stepped with, and θ as it left it."""
         try:
             with torch.no_grad():
+                self._check_real_gradients()
                 params = [p.detach() for p in self._params]
                 if self._after_step is None or len(self._after_step) != len(params):
                     self._after_step = [p.clone() for p in params]
@@ -666,11 +719,7 @@ class TangentProbe(Callback):
         pairs = [(g, p.grad) for g, p in zip(gradients, self._params) if p.grad is not None]
         if not pairs:
             return
-        replayed, real = [g for g, _ in pairs], [r for _, r in pairs]
-        # a few fused kernels over all parameters (foreach), norms accumulated in float64, one host synchronisation
-        norms = torch._foreach_norm([*torch._foreach_sub(replayed, real), *real], 2, dtype=torch.float64)
-        difference, norm = torch.stack(norms).square().view(2, -1).sum(dim=1).tolist()
-        gap = math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference)
+        gap = _relative_gap([g for g, _ in pairs], [r for _, r in pairs])
         self._replay_gap = max(self._replay_gap, gap)
         tolerance = _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
         if gap > tolerance and self._trusted:

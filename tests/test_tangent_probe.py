@@ -3,6 +3,7 @@ real MLP, and the callback's contract: observation never perturbs, refusals, bad
 
 import copy
 import math
+import warnings
 
 import lightning as L
 import numpy as np
@@ -210,6 +211,31 @@ def test_parameters_changed_outside_the_optimizer_step_are_said():
         trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
     assert not probe.trusted and probe.spectrum_history.shape[0] == 4
     assert not trainer.optimizers[0]._optimizer_step_post_hooks  # the probe's step hook is gone with the fit
+
+
+class ScalesItsGradients(MLPClassifier):
+    """Edits the gradients in its own ``on_before_optimizer_step``, which Lightning calls after the callbacks'."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def on_before_optimizer_step(self, optimizer):
+        for p in self.parameters():
+            p.grad.mul_(self.scale)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_gradients_edited_after_the_probe_are_said(scale):
+    """The optimizer steps with gradients the probe did not see: said (a write of the same values is not an edit)."""
+    probe = TangentProbe(num_exponents=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[probe]).fit(
+            ScalesItsGradients(scale), datamodule=DigitsDataModule())
+    said = [w for w in caught if "the optimizer stepped with other gradients" in str(w.message)]
+    assert probe.trusted is (scale == 1.0) and len(said) == (scale != 1.0)
+    assert probe.spectrum_history.shape[0] == 3
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])

@@ -1,5 +1,6 @@
 """TangentProbe on modules it did not write: a Hugging Face BERT (SDPA attention and hidden dropout, AdamW),
-Lightning's LSTM demo (a hidden state kept across batches, gradient clipping) and a max-norm constraint in a hook.
+Lightning's LSTM demo (a hidden state kept across batches, gradient clipping), a max-norm constraint in a hook and a
+``configure_gradient_clipping`` that clips with its own value.
 Each fit is bit-identical with and without the probe, and the replayed gradient matches the real one (``trusted``),
 or the probe says why not.
 
@@ -16,6 +17,7 @@ BERT = next(case for case in TRANSFORMER_CASES if "Bert" in case.name)
 GPT2 = next(case for case in TRANSFORMER_CASES if "eager" in case.name)
 LSTM_DEMO = next(case for case in HOOK_CASES if case.name == "LightningLSTM-demo")
 MAX_NORM = next(case for case in HOOK_CASES if case.name == "on_train_batch_end-max-norm")
+OWN_CLIPPING = next(case for case in HOOK_CASES if case.name == "configure_gradient_clipping-own-value")
 
 
 def test_bert_with_dropout_and_adamw():
@@ -52,3 +54,13 @@ def test_a_max_norm_constraint_in_a_hook_is_said():
     assert_same_training(run, plain_run(MAX_NORM))
     assert probe.trusted is False
     assert run.warned("TangentProbe: before step 2 the parameters changed after the optimizer's step.*UNTRUSTED")
+
+
+def test_clipping_by_a_configure_gradient_clipping_of_its_own_is_said():
+    """The module clips in ``configure_gradient_clipping`` with its own value while the Trainer has none: the optimizer
+    steps with gradients the tangents did not (not refused upfront: such an override may clip nothing)."""
+    probe = TangentProbe(num_exponents=1)
+    run = fit(OWN_CLIPPING, callbacks=[probe])
+    assert_same_training(run, plain_run(OWN_CLIPPING))
+    assert probe.trusted is False
+    assert run.warned("TangentProbe: at step 1 the optimizer stepped with other gradients.*UNTRUSTED")
