@@ -235,6 +235,9 @@ class TangentProbe(Callback):
         self._grads_seen: Optional[tuple[list[tuple[int, int]], Tensor]] = None
         self._clipped: Optional[list[Tensor]] = None
         self._step_hooks: list[RemovableHandle] = []
+        # whether anything runs between this callback's on_before_optimizer_step and the update that could edit the
+        # gradients (set at attach); without, the gradient check is skipped
+        self._grads_editable = False
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
 
@@ -498,6 +501,13 @@ class TangentProbe(Callback):
         # Lightning's closure (the forward, backward, on_before_optimizer_step, clipping) runs inside step(): only a
         # post-hook sees what the update used
         self._step_hooks = [optimizer.register_step_post_hook(self._record_real_step)]
+        # after this hook and before the update Lightning runs the later callbacks' on_before_optimizer_step, the
+        # module's own, then its clipping through configure_gradient_clipping (its own clipping is linearised)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        later = callbacks[callbacks.index(self) + 1:] if self in callbacks else callbacks
+        editors = overridden_hooks(pl_module, ("on_before_optimizer_step", "configure_gradient_clipping"))
+        self._grads_editable = bool(editors) or any(
+            type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step for callback in later)
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
         self._step_module = _TrainingStepAsForward(shadow)
         # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in
@@ -577,12 +587,12 @@ class TangentProbe(Callback):
         assert self._tangents is not None  # attached above
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
-        self._grads_seen = _fingerprint(grads)
-        self._clipped = None
-        if trainer.gradient_clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
+        clip_val = trainer.gradient_clip_val
+        self._grads_seen = _fingerprint(grads) if self._grads_editable and not clip_val else None
+        if clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
             algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
-            grads, products = clip_tangent(grads, products, float(trainer.gradient_clip_val), str(algorithm))
-            self._clipped = grads
+            grads, products = clip_tangent(grads, products, float(clip_val), str(algorithm))
+        self._clipped = grads if self._grads_editable and clip_val else None
         self._tangents = self._step_tangents(optimizer, pairs, tuple(products), grads)
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
@@ -662,12 +672,13 @@ class TangentProbe(Callback):
         callbacks later in the list; so does a ``configure_gradient_clipping`` that clips with its own value) goes
         unseen by the replay check. The optimizers the probe supports leave ``.grad`` as they found it."""
         seen, clipped, self._grads_seen, self._clipped = self._grads_seen, self._clipped, None, None
-        if seen is None or not self._trusted:
+        if (seen is None and clipped is None) or not self._trusted:
             return
         real = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         if clipped is not None:  # Lightning's clipping wrote into them: compare with the clipping the tangents assumed
             edited = _relative_gap(clipped, real) > _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
         else:  # the tangents used the .grad tensors themselves: untouched (the usual case, free) or the same values
+            assert seen is not None
             versions, norms = seen
             edited = versions != _fingerprint(real, norms=False)[0] and not torch.equal(norms, _fingerprint(real)[1])
         if edited:
