@@ -47,6 +47,25 @@ TRAINING_HOOKS = (*BATCHED_PATH_BLOCKERS, "training_step", "on_after_backward", 
 _NOT_REPLAYED = ("params", "train_mode")
 
 
+def run_after_other_callbacks(callbacks: list[Any]) -> None:
+    """Reorder a Trainer's ``callbacks`` in place: the observers (callbacks whose class sets ``observes_training``:
+    ChaosProbe, TangentProbe) after every other callback, checkpointing excepted, which Lightning keeps last.
+
+    An observer's hooks then see what the others did to the real training in the same hook (a warm-up callback's LR
+    in ``on_before_optimizer_step``, random draws in ``on_train_batch_start``); only the module's own hooks come after.
+    The others keep their order, and so do the observers among themselves: each observer calls this in ``setup`` and
+    the result is the same whichever calls it, however often.
+    """
+    from lightning.pytorch.callbacks import Checkpoint
+
+    def observes(callback: Any) -> bool:
+        return bool(getattr(type(callback), "observes_training", False))
+
+    checkpoints = [c for c in callbacks if isinstance(c, Checkpoint) and not observes(c)]
+    others = [c for c in callbacks if not observes(c) and not isinstance(c, Checkpoint)]
+    callbacks[:] = others + [c for c in callbacks if observes(c)] + checkpoints
+
+
 def overridden_hooks(module: LightningModule, hooks: Sequence[str] = TRAINING_HOOKS) -> list[str]:
     """The hooks among ``hooks`` that ``module``'s class defines itself (not LightningModule's defaults)."""
     return [name for name in hooks if getattr(type(module), name, None) is not getattr(LightningModule, name, None)]

@@ -6,7 +6,6 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -18,7 +17,13 @@ from lightning_chaos._validation import check_flag, check_seed
 from lightning_chaos.functional.distance import NORMS
 from lightning_chaos.functional.exponents import WindowFit, benettin_exponent, window_fit_before_saturation
 from lightning_chaos.functional.onset import regime
-from lightning_chaos.mirror import TRAINING_HOOKS, BatchContext, overridden_hooks, sentinel_report
+from lightning_chaos.mirror import (
+    TRAINING_HOOKS,
+    BatchContext,
+    overridden_hooks,
+    run_after_other_callbacks,
+    sentinel_report,
+)
 from lightning_chaos.shadow import DISTRIBUTIONS, Perturbation, RngState, ShadowEnsemble, capture_rng_state
 from lightning_chaos.vectorized import check_vectorize, worth_vectorizing
 
@@ -153,6 +158,8 @@ class ChaosProbe(Callback):
 
         ``probe.lyapunov_exponent`` is the mean local exponent per optimizer step (> 0 chaotic, < 0 contracting).
     """
+
+    observes_training = True  # ordered after the callbacks it observes (mirror.run_after_other_callbacks)
 
     def __init__(
         self,
@@ -370,7 +377,9 @@ class ChaosProbe(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._run_after_other_callbacks(trainer)
+        # after every other callback: the shadows see what they did, and only the module's own hooks, which the
+        # shadows run themselves, come after
+        run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "ChaosProbe supports automatic optimization only; this LightningModule sets"
@@ -387,17 +396,6 @@ class ChaosProbe(Callback):
                 f"ChaosProbe supports multi-process training through DDP only; found {strategy_name} with"
                 f" world_size={trainer.world_size}."
             )
-
-    def _run_after_other_callbacks(self, trainer: Trainer) -> None:
-        """Move the probe after every other callback (checkpointing excepted, which Lightning keeps last), so that its
-        hooks see what the others did to the real training in the same hook (a warm-up callback's LR in
-        ``on_before_optimizer_step``, random draws in ``on_train_batch_start``) and only the module's own hooks, which
-        the shadows run themselves, come after it. The probe only observes: the others keep their order."""
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer.__init__, unannotated
-        if self not in callbacks:
-            return
-        checkpoints = [c for c in callbacks if isinstance(c, Checkpoint)]
-        callbacks[:] = [c for c in callbacks if c is not self and not isinstance(c, Checkpoint)] + [self, *checkpoints]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._disabled = False

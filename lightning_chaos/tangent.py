@@ -25,7 +25,7 @@ from lightning_chaos.functional.tangent import (
     qr_renormalize,
     sgd_tangent_steps,
 )
-from lightning_chaos.mirror import all_reduce_mean, overridden_hooks, split_output
+from lightning_chaos.mirror import all_reduce_mean, overridden_hooks, run_after_other_callbacks, split_output
 from lightning_chaos.shadow import (
     RngState,
     capture_rng_state,
@@ -168,6 +168,8 @@ class TangentProbe(Callback):
         >>> probe.sharpness < probe.sharpness_threshold  # below the edge of stability, 2/η = 4
         True
     """
+
+    observes_training = True  # ordered after the callbacks it observes (mirror.run_after_other_callbacks)
 
     def __init__(
         self,
@@ -330,6 +332,8 @@ class TangentProbe(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # after every other callback: a warm-up's LR set in on_before_optimizer_step is the one the tangents step with
+        run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "TangentProbe supports automatic optimization only; this LightningModule sets"
@@ -502,12 +506,14 @@ class TangentProbe(Callback):
         # post-hook sees what the update used
         self._step_hooks = [optimizer.register_step_post_hook(self._record_real_step)]
         # after this hook and before the update Lightning runs the later callbacks' on_before_optimizer_step, the
-        # module's own, then its clipping through configure_gradient_clipping (its own clipping is linearised)
+        # module's own, then its clipping through configure_gradient_clipping (Lightning's own clipping is linearised); the
+        # callbacks that only observe (a ChaosProbe) edit nothing
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         later = callbacks[callbacks.index(self) + 1:] if self in callbacks else callbacks
         editors = overridden_hooks(pl_module, ("on_before_optimizer_step", "configure_gradient_clipping"))
         self._grads_editable = bool(editors) or any(
-            type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step for callback in later)
+            type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
+            and not getattr(type(callback), "observes_training", False) for callback in later)
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
         self._step_module = _TrainingStepAsForward(shadow)
         # the copy has the real module's structure: each step's tensors go into the twin of the module they sit in

@@ -238,6 +238,34 @@ def test_gradients_edited_after_the_probe_are_said(scale):
     assert probe.spectrum_history.shape[0] == 3
 
 
+class WarmUp(Callback):
+    """A linear learning-rate warm-up set in ``on_before_optimizer_step``, as several recipes do."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * min(1.0, (trainer.global_step + 1) / 10)
+
+
+def test_the_probe_runs_after_the_callbacks_it_observes():
+    """Listed before a warm-up callback, the probe still steps its tangents with the LR the warm-up set for the step
+    (it moves itself after the other callbacks, beside a ChaosProbe, checkpointing last): the same spectrum either
+    way. Before, it read the previous step's LR, silently."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(order):
+        L.seed_everything(0, verbose=False)
+        probe, chaos, warm_up = TangentProbe(num_exponents=2), ChaosProbe(sentinel_steps=0), WarmUp()
+        named = {"probe": probe, "chaos": chaos, "warm-up": warm_up}
+        trainer = quiet_trainer(max_steps=12, limit_val_batches=0, callbacks=[named[name] for name in order])
+        trainer.fit(MLPClassifier(lr=0.5), DigitsDataModule(batch_size=None))
+        return probe, [type(c).__name__ for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+
+    first, order = run(["probe", "chaos", "warm-up"])
+    assert order == ["WarmUp", "TangentProbe", "ChaosProbe"]
+    last, _ = run(["warm-up", "probe"])
+    assert torch.equal(first.spectrum_history, last.spectrum_history) and first.trusted
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
 def test_batch_norm_statistics_are_never_perturbed(frozen):
     """The replay runs the BatchNorm on copies of its running statistics: the real ones end bit-identical."""
