@@ -56,6 +56,21 @@ def _relative_gap(tensors: list[Tensor], reference: list[Tensor]) -> float:
     return math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference)
 
 
+_HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "decoupled_weight_decay",
+                    "maximize")
+
+
+def _hyperparameters(optimizer: Optimizer) -> list[tuple[Any, ...]]:
+    """The param groups' values of what the tangents' linearisation reads (tensors as Python numbers)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.tolist()
+        return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+    return [tuple(plain(group.get(name)) for name in _HYPERPARAMETERS) for group in optimizer.param_groups]
+
+
 def _fingerprint(tensors: list[Tensor], norms: bool = True) -> tuple[list[tuple[int, int]], Tensor]:
     """Storage and version counter of each tensor (equal: untouched since), and their norms in float64 (equal
     after a write: the same values), one fused kernel and no host synchronisation."""
@@ -116,9 +131,9 @@ class TangentProbe(Callback):
     Observation does not perturb: the real weights, gradients, optimizer state, random streams and logged metrics are
     bit-identical with and without the probe. A check on every step compares the replayed loss's gradient with the
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
-    and marks the results untrusted (:attr:`trusted`). So do, checked after each real step, gradients edited after
-    this callback's ``on_before_optimizer_step`` (the module's own hook runs after the callbacks'; a
-    ``configure_gradient_clipping`` that clips with its own value), and a change to the parameters between two
+    and marks the results untrusted (:attr:`trusted`). So do, checked after each real step, gradients or
+    hyperparameters set after this callback's ``on_before_optimizer_step`` (the module's own hook runs after the
+    callbacks'; a ``configure_gradient_clipping`` that clips with its own value), and a change to the parameters between two
     optimizer steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``): the tangents follow the
     optimizer's update of the gradients they saw, not what a hook does to either.
 
@@ -233,13 +248,14 @@ class TangentProbe(Callback):
         self._after_step: Optional[list[Tensor]] = None
         self._after_step_versions: list[tuple[int, int]] = []
         # the gradients the tangents were stepped with (a fingerprint of the .grad tensors, and the clipped ones when
-        # Lightning clips), against those the real optimizer then stepped with
+        # Lightning clips) and the hyperparameters, against those the real optimizer then stepped with
         self._grads_seen: Optional[tuple[list[tuple[int, int]], Tensor]] = None
         self._clipped: Optional[list[Tensor]] = None
+        self._hyperparameters_seen: Optional[list[tuple[Any, ...]]] = None
         self._step_hooks: list[RemovableHandle] = []
         # whether anything runs between this callback's on_before_optimizer_step and the update that could edit the
-        # gradients (set at attach); without, the gradient check is skipped
-        self._grads_editable = False
+        # gradients or the hyperparameters (set at attach); without, those checks are skipped
+        self._step_editable = False
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
 
@@ -323,8 +339,8 @@ class TangentProbe(Callback):
     @property
     def trusted(self) -> bool:
         """False once the replayed loss's gradient differed from the real one, the optimizer stepped with gradients
-        edited after the probe saw them, or the parameters changed between two steps outside the optimizer (see the
-        class docstring)."""
+        or hyperparameters set after the probe saw them, or the parameters changed between two steps outside the
+        optimizer (see the class docstring)."""
         return self._trusted
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
@@ -511,7 +527,7 @@ class TangentProbe(Callback):
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         later = callbacks[callbacks.index(self) + 1:] if self in callbacks else callbacks
         editors = overridden_hooks(pl_module, ("on_before_optimizer_step", "configure_gradient_clipping"))
-        self._grads_editable = bool(editors) or any(
+        self._step_editable = bool(editors) or any(
             type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
             and not getattr(type(callback), "observes_training", False) for callback in later)
         shadow = make_shadow_module(pl_module)  # logs nothing and keeps its writes (metrics, attributes) to itself
@@ -594,11 +610,12 @@ class TangentProbe(Callback):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
         clip_val = trainer.gradient_clip_val
-        self._grads_seen = _fingerprint(grads) if self._grads_editable and not clip_val else None
+        self._grads_seen = _fingerprint(grads) if self._step_editable and not clip_val else None
         if clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
             algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
             grads, products = clip_tangent(grads, products, float(clip_val), str(algorithm))
-        self._clipped = grads if self._grads_editable and clip_val else None
+        self._clipped = grads if self._step_editable and clip_val else None
+        self._hyperparameters_seen = _hyperparameters(optimizer) if self._step_editable else None
         self._tangents = self._step_tangents(optimizer, pairs, tuple(products), grads)
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
@@ -670,29 +687,31 @@ class TangentProbe(Callback):
             hook.remove()
         self._step_hooks = []
         self._after_step = None
-        self._grads_seen, self._clipped = None, None
+        self._grads_seen, self._clipped, self._hyperparameters_seen = None, None, None
 
-    def _check_real_gradients(self) -> None:
-        """After the real step: did the optimizer step with the gradients the tangents were stepped with? An edit
-        after this callback's ``on_before_optimizer_step`` (the module's own runs after the callbacks', and so do
-        callbacks later in the list; so does a ``configure_gradient_clipping`` that clips with its own value) goes
-        unseen by the replay check. The optimizers the probe supports leave ``.grad`` as they found it."""
-        seen, clipped, self._grads_seen, self._clipped = self._grads_seen, self._clipped, None, None
-        if (seen is None and clipped is None) or not self._trusted:
+    def _check_real_step(self, optimizer: Optimizer) -> None:
+        """After the real step: did the optimizer step with the gradients and hyperparameters the tangents were
+        stepped with? An edit after this callback's ``on_before_optimizer_step`` (the module's own runs after the
+        callbacks'; so does a ``configure_gradient_clipping`` that clips with its own value) goes unseen by the replay
+        check. The optimizers the probe supports leave ``.grad`` and their hyperparameters as they found them."""
+        seen, clipped, hyperparameters = self._grads_seen, self._clipped, self._hyperparameters_seen
+        self._grads_seen, self._clipped, self._hyperparameters_seen = None, None, None
+        if hyperparameters is None or not self._trusted:
             return
         real = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        edited = False
         if clipped is not None:  # Lightning's clipping wrote into them: compare with the clipping the tangents assumed
             edited = _relative_gap(clipped, real) > _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
-        else:  # the tangents used the .grad tensors themselves: untouched (the usual case, free) or the same values
-            assert seen is not None
+        elif seen is not None:  # the tangents used the .grad tensors themselves: untouched, or the same values
             versions, norms = seen
             edited = versions != _fingerprint(real, norms=False)[0] and not torch.equal(norms, _fingerprint(real)[1])
-        if edited:
+        what = "gradients" if edited else "hyperparameters" if hyperparameters != _hyperparameters(optimizer) else ""
+        if what:
             self._trusted = False
             rank_zero_warn(
-                f"TangentProbe: at step {self._attach_step + self._steps - 1} the optimizer stepped with other"
-                " gradients than the ones the probe saw in its on_before_optimizer_step: something edited them after"
-                " it (the LightningModule's on_before_optimizer_step, a callback after TangentProbe in the list, a"
+                f"TangentProbe: at step {self._attach_step + self._steps - 1} the optimizer stepped with other {what}"
+                " than the ones the probe saw in its on_before_optimizer_step: something set them after it (the"
+                " LightningModule's on_before_optimizer_step, a callback listed after TangentProbe, a"
                 " configure_gradient_clipping that clips with its own value). The tangents follow another map than the"
                 " real one: results UNTRUSTED."
             )
@@ -701,7 +720,7 @@ class TangentProbe(Callback):
         """After the real optimizer's step (a step post-hook): the gradients it stepped with, and θ as it left it."""
         try:
             with torch.no_grad():
-                self._check_real_gradients()
+                self._check_real_step(optimizer)
                 params = [p.detach() for p in self._params]
                 if self._after_step is None or len(self._after_step) != len(params):
                     self._after_step = [p.clone() for p in params]

@@ -225,16 +225,28 @@ class ScalesItsGradients(MLPClassifier):
             p.grad.mul_(self.scale)
 
 
-@pytest.mark.parametrize("scale", [0.5, 1.0])
-def test_gradients_edited_after_the_probe_are_said(scale):
-    """The optimizer steps with gradients the probe did not see: said (a write of the same values is not an edit)."""
+class WarmsUpItself(MLPClassifier):
+    """Sets its learning rate in its own ``on_before_optimizer_step`` (after the callbacks')."""
+
+    def on_before_optimizer_step(self, optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * min(1.0, (self.trainer.global_step + 1) / 10)
+
+
+@pytest.mark.parametrize("model, what", [(lambda: ScalesItsGradients(0.5), "gradients"),
+                                         (lambda: ScalesItsGradients(1.0), None),
+                                         (WarmsUpItself, "hyperparameters")],
+                         ids=["gradients-scaled", "gradients-rewritten-same", "lr-set"])
+def test_a_step_edited_after_the_probe_is_said(model, what):
+    """The optimizer steps with gradients or a learning rate the probe did not see: said (a write of the same values
+    is not an edit)."""
     probe = TangentProbe(num_exponents=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[probe]).fit(
-            ScalesItsGradients(scale), datamodule=DigitsDataModule())
-    said = [w for w in caught if "the optimizer stepped with other gradients" in str(w.message)]
-    assert probe.trusted is (scale == 1.0) and len(said) == (scale != 1.0)
+        quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[probe]).fit(model(), datamodule=DigitsDataModule())
+    said = [str(w.message) for w in caught if "the optimizer stepped with other" in str(w.message)]
+    assert probe.trusted is (what is None) and len(said) == (what is not None)
+    assert what is None or f"other {what} than" in said[0]
     assert probe.spectrum_history.shape[0] == 3
 
 
