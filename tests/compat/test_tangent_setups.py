@@ -8,9 +8,14 @@ The cases are the suite's own, so the README's setups table (the ChaosProbe's) d
 
 import math
 
+import pytest
 from harness import assert_same_training, fit, plain_run
 from lightning_chaos import TangentProbe
+from test_batched import CASES as BATCHED_CASES
+from test_callbacks import CASES as CALLBACK_CASES
+from test_compile import CASES as COMPILE_CASES
 from test_module_hooks import CASES as HOOK_CASES
+from test_optimizers import CASES as OPTIMIZER_CASES
 from test_transformers import CASES as TRANSFORMER_CASES
 
 BERT = next(case for case in TRANSFORMER_CASES if "Bert" in case.name)
@@ -64,3 +69,37 @@ def test_clipping_by_a_configure_gradient_clipping_of_its_own_is_said():
     assert_same_training(run, plain_run(OWN_CLIPPING))
     assert probe.trusted is False
     assert run.warned("TangentProbe: at step 1 the optimizer stepped with other gradients.*UNTRUSTED")
+
+
+# -- every setup of the compat suite ---------------------------------------------------------------------------------
+
+# What TangentProbe does on each of the ChaosProbe's setups that the tests above do not take one by one: refuses it
+# (it linearises SGD, Adam and AdamW only, and not an overridden configure_gradient_clipping), stops where the
+# trainable set changes, says the results cannot be trusted, or follows it (trusted); anything else fails.
+REFUSED = {"schedulefree-AdamWScheduleFree+validation", "schedulefree-SGDScheduleFree+validation", "LBFGS-closure",
+           "LBFGS-closure+dropout", "prodigyopt-Prodigy", "dadaptation-DAdaptAdam", "pytorch_optimizer-Lion",
+           "pytorch_optimizer-Ranger", "pytorch_optimizer-AdaBelief", "configure_gradient_clipping-docstring"}
+STOPPED = {"BackboneFinetuning-unfreeze-at-epoch-1"}
+UNTRUSTED = {"on_after_backward-gradient-mask", "batched-state-in-a-plain-attribute", "batched-LightningLSTM-demo"}
+TAKEN_ONE_BY_ONE = {case.name for case in (BERT, GPT2, LSTM_DEMO, MAX_NORM, OWN_CLIPPING)}
+EVERY_OTHER_CASE = {case.name: case for cases in (OPTIMIZER_CASES, CALLBACK_CASES, HOOK_CASES, TRANSFORMER_CASES,
+                                                   COMPILE_CASES, BATCHED_CASES)
+                    for case in cases if case.name not in TAKEN_ONE_BY_ONE}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_OTHER_CASE))
+def test_every_setup_is_followed_refused_or_said(name):
+    case = EVERY_OTHER_CASE[name]
+    probe = TangentProbe(num_exponents=2)
+    run = fit(case, callbacks=[probe])
+    assert_same_training(run, plain_run(case))
+    if name in REFUSED:
+        assert run.warned("TangentProbe: .* not supported.* the probe is off") and probe.spectrum_history.shape[0] == 0
+    elif name in STOPPED:
+        assert run.warned("TangentProbe: the set of trainable parameters changed") and probe.trusted
+    elif name in UNTRUSTED:
+        assert probe.trusted is False and run.warned("TangentProbe: .*UNTRUSTED")
+    else:
+        assert probe.trusted and not run.warned("TangentProbe"), run.warned("TangentProbe")
+    if name not in REFUSED:
+        assert probe.spectrum_history.shape[0] > 0 and all(math.isfinite(v) for v in probe.lyapunov_spectrum.tolist())
