@@ -47,14 +47,17 @@ TRAINING_HOOKS = (*BATCHED_PATH_BLOCKERS, "training_step", "on_after_backward", 
 _NOT_REPLAYED = ("params", "train_mode")
 
 
-def run_after_other_callbacks(callbacks: list[Any]) -> None:
-    """Reorder a Trainer's ``callbacks`` in place: the observers (callbacks whose class sets ``observes_training``:
-    ChaosProbe, TangentProbe) after every other callback, checkpointing excepted, which Lightning keeps last.
+def run_after_other_callbacks(callbacks: Sequence[Any]) -> list[Any]:
+    """A Trainer's ``callbacks`` reordered into a new list: the observers (callbacks whose class sets
+    ``observes_training``: ChaosProbe, TangentProbe) after every other callback, checkpointing excepted, which Lightning
+    keeps last.
 
     An observer's hooks then see what the others did to the real training in the same hook (a warm-up callback's LR
     in ``on_before_optimizer_step``, random draws in ``on_train_batch_start``); only the module's own hooks come after.
     The others keep their order, and so do the observers among themselves: each observer calls this in ``setup`` and
-    the result is the same whichever calls it, however often.
+    the result is the same whichever calls it, however often. A new list, assigned to ``trainer.callbacks``, as
+    Lightning reorders: ``setup`` is being called over the old one, which must not change under that loop (a callback
+    moved ahead of it would never be set up).
     """
     from lightning.pytorch.callbacks import Checkpoint
 
@@ -63,7 +66,7 @@ def run_after_other_callbacks(callbacks: list[Any]) -> None:
 
     checkpoints = [c for c in callbacks if isinstance(c, Checkpoint) and not observes(c)]
     others = [c for c in callbacks if not observes(c) and not isinstance(c, Checkpoint)]
-    callbacks[:] = others + [c for c in callbacks if observes(c)] + checkpoints
+    return others + [c for c in callbacks if observes(c)] + checkpoints
 
 
 def overridden_hooks(module: LightningModule, hooks: Sequence[str] = TRAINING_HOOKS) -> list[str]:

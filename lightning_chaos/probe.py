@@ -379,7 +379,7 @@ class ChaosProbe(Callback):
             return
         # after every other callback: the shadows see what they did, and only the module's own hooks, which the
         # shadows run themselves, come after
-        run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
+        trainer.callbacks = run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "ChaosProbe supports automatic optimization only; this LightningModule sets"

@@ -10,6 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.adam import adam as functional_adam
+from torch.optim.sgd import sgd as functional_sgd
 from torch.utils.hooks import RemovableHandle
 
 from lightning_chaos import logging as chaos_logging
@@ -60,6 +62,34 @@ _HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "
                     "maximize")
 
 
+def _state_copies(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, Any]]:
+    """Copies of the optimizer's per-parameter state the update reads (momentum buffer; Adam's moments and step)."""
+    return [{k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in optimizer.state.get(p, {}).items()}
+            for p in params]
+
+
+def _update(optimizer: Optimizer, theta: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+    """The optimizer's own update (torch's functional SGD or Adam, with each param group's settings) applied in place
+    to ``theta`` and ``states``, copies of the parameters and state before the step, with ``grads``."""
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]
+                                                 if p.requires_grad)}
+    for group in optimizer.param_groups:
+        members = [index[id(p)] for p in group["params"] if id(p) in index]
+        ps, gs, ss = [theta[i] for i in members], [grads[i] for i in members], [states[i] for i in members]
+        if isinstance(optimizer, torch.optim.SGD):
+            buffers = [state.get("momentum_buffer") for state in ss]
+            functional_sgd(ps, gs, buffers, foreach=group["foreach"], weight_decay=group["weight_decay"],
+                                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                                nesterov=group["nesterov"], maximize=group["maximize"])
+        else:
+            beta1, beta2 = group["betas"]
+            functional_adam(
+                ps, gs, [state["exp_avg"] for state in ss], [state["exp_avg_sq"] for state in ss], [],
+                [state["step"] for state in ss], foreach=group["foreach"], capturable=group["capturable"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=False, beta1=beta1, beta2=beta2,
+                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+
 def _hyperparameters(optimizer: Optimizer) -> list[tuple[Any, ...]]:
     """The param groups' values of what the tangents' linearisation reads (tensors as Python numbers)."""
 
@@ -69,13 +99,6 @@ def _hyperparameters(optimizer: Optimizer) -> list[tuple[Any, ...]]:
         return tuple(plain(v) for v in value) if isinstance(value, (tuple, list)) else value
 
     return [tuple(plain(group.get(name)) for name in _HYPERPARAMETERS) for group in optimizer.param_groups]
-
-
-def _fingerprint(tensors: list[Tensor], norms: bool = True) -> tuple[list[tuple[int, int]], Tensor]:
-    """Storage and version counter of each tensor (equal: untouched since), and their norms in float64 (equal
-    after a write: the same values), one fused kernel and no host synchronisation."""
-    versions = [(t.data_ptr(), t._version) for t in tensors]
-    return versions, (torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)) if norms else torch.empty(0))
 
 
 class _TrainingStepAsForward(nn.Module):
@@ -131,15 +154,17 @@ class TangentProbe(Callback):
     Observation does not perturb: the real weights, gradients, optimizer state, random streams and logged metrics are
     bit-identical with and without the probe. A check on every step compares the replayed loss's gradient with the
     real one; a mismatch (a random draw outside ``training_step``, a hook that edits gradients) is warned about once
-    and marks the results untrusted (:attr:`trusted`). So do, checked after each real step, gradients or
-    hyperparameters set after this callback's ``on_before_optimizer_step`` (the module's own hook runs after the
-    callbacks'; a ``configure_gradient_clipping`` that clips with its own value), and a change to the parameters between two
-    optimizer steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``): the tangents follow the
-    optimizer's update of the gradients they saw, not what a hook does to either.
+    and marks the results untrusted (:attr:`trusted`). So do, checked after each real step, a step changed after this
+    callback's ``on_before_optimizer_step`` (the module's own hook runs after the callbacks', then its
+    ``configure_gradient_clipping`` and ``clip_gradients``: the gradients, hyperparameters and starting weights of
+    the real update are compared with the tangents', when one of those is overridden), and a change to the
+    parameters between two optimizer steps, outside the optimizer (a max-norm constraint in ``on_train_batch_end``,
+    compared exactly): the tangents follow the optimizer's update of what they saw, not what a hook does to it.
 
     Cost per probed step: the replayed forward, a backward that keeps its graph and one more backward for the k
     tangents together (about 2.5× a training step's gradient for k = 1), one copy of the parameters and optimizer
-    state per tangent, one more copy of the parameters (θ as the real step left it, for the check above), and a QR of a [D, k] matrix (a norm for k = 1); with
+    state per tangent, one more copy of the parameters (θ as the real step left it, for the check above), and a
+    QR of a [D, k] matrix (a norm for k = 1); with
     ``sharpness=True`` up to 20 more Hessian-vector products every ``sharpness_every`` steps (fewer when warm).
 
     Args:
@@ -243,16 +268,16 @@ class TangentProbe(Callback):
         self._params: list[Tensor] = []
         self._leaves: tuple[Tensor, ...] = ()
         self._step_module: Optional[_TrainingStepAsForward] = None
-        # θ as the real optimizer step left it (and the parameters' version counters then), to notice a change made
-        # to the parameters between two steps, outside the map the tangents follow
+        # θ as the real optimizer step left it, to notice a change made to the parameters between two steps, outside
+        # the map the tangents follow
         self._after_step: Optional[list[Tensor]] = None
-        self._after_step_versions: list[tuple[int, int]] = []
-        # the gradients the tangents were stepped with (a fingerprint of the .grad tensors, and the clipped ones when
-        # Lightning clips) and the hyperparameters, against those the real optimizer then stepped with
-        self._grads_seen: Optional[tuple[list[tuple[int, int]], Tensor]] = None
-        self._clipped: Optional[list[Tensor]] = None
-        self._hyperparameters_seen: Optional[list[tuple[Any, ...]]] = None
+        # copies of the gradients the tangents were stepped with (clipped as Lightning clips), the hyperparameters, and
+        # the parameters and optimizer state before the step: against what the real optimizer then did
+        self._stepped_with: Optional[tuple[list[Tensor], list[tuple[Any, ...]], list[Tensor], list[dict[str, Any]]]]
+        self._stepped_with = None
         self._step_hooks: list[RemovableHandle] = []
+        self._hook_error: Optional[str] = None  # an error inside the step post-hook, said outside the real step
+        self._untrusted_reason = ""
         # whether anything runs between this callback's on_before_optimizer_step and the update that could edit the
         # gradients or the hyperparameters (set at attach); without, those checks are skipped
         self._step_editable = False
@@ -349,7 +374,7 @@ class TangentProbe(Callback):
         if stage != "fit":
             return
         # after every other callback: a warm-up's LR set in on_before_optimizer_step is the one the tangents step with
-        run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]  # set in Trainer.__init__
+        trainer.callbacks = run_after_other_callbacks(trainer.callbacks)  # type: ignore[attr-defined]
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "TangentProbe supports automatic optimization only; this LightningModule sets"
@@ -398,6 +423,9 @@ class TangentProbe(Callback):
             self._disable(f"TangentProbe stopped after an error while stepping the tangents: {error!r}.")
         finally:
             self._micro = []
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._forget_real_step()  # no hook of ours left on the user's optimizer after a crash or an interrupt
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._forget_real_step()  # the tangents stay, for a checkpoint saved after the fit
@@ -522,11 +550,12 @@ class TangentProbe(Callback):
         # post-hook sees what the update used
         self._step_hooks = [optimizer.register_step_post_hook(self._record_real_step)]
         # after this hook and before the update Lightning runs the later callbacks' on_before_optimizer_step, the
-        # module's own, then its clipping through configure_gradient_clipping (Lightning's own clipping is linearised); the
-        # callbacks that only observe (a ChaosProbe) edit nothing
+        # module's own, then its clipping through configure_gradient_clipping and clip_gradients (Lightning's own
+        # clipping is linearised); the callbacks that only observe (a ChaosProbe) edit nothing
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         later = callbacks[callbacks.index(self) + 1:] if self in callbacks else callbacks
-        editors = overridden_hooks(pl_module, ("on_before_optimizer_step", "configure_gradient_clipping"))
+        editors = overridden_hooks(pl_module, ("on_before_optimizer_step", "configure_gradient_clipping",
+                                               "clip_gradients"))
         self._step_editable = bool(editors) or any(
             type(callback).on_before_optimizer_step is not Callback.on_before_optimizer_step
             and not getattr(type(callback), "observes_training", False) for callback in later)
@@ -601,6 +630,10 @@ class TangentProbe(Callback):
             rank_zero_warn("TangentProbe: the set of trainable parameters changed (a finetuning callback, a new param"
                            " group): the state space changed, so probing stopped here. The results so far stay.")
             return
+        if self._hook_error is not None:
+            error, self._hook_error = self._hook_error, None
+            self._distrust("the check after the real step failed", f"the check after the real optimizer step failed"
+                           f" ({error}), so the probe cannot tell whether that step was the one the tangents followed")
         self._check_untouched()
         gradients, hvp = self._differentiate(trainer, pl_module)
         n = len(self._params)
@@ -610,12 +643,12 @@ class TangentProbe(Callback):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
         clip_val = trainer.gradient_clip_val
-        self._grads_seen = _fingerprint(grads) if self._step_editable and not clip_val else None
         if clip_val:  # Lightning clips after on_before_optimizer_step: p.grad is unclipped here
             algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
             grads, products = clip_tangent(grads, products, float(clip_val), str(algorithm))
-        self._clipped = grads if self._step_editable and clip_val else None
-        self._hyperparameters_seen = _hyperparameters(optimizer) if self._step_editable else None
+        if self._step_editable:  # copies: the grads may be the .grad tensors themselves, which an edit would change
+            self._stepped_with = ([g.detach().clone() for g in grads], _hyperparameters(optimizer),
+                                  [p.detach().clone() for p in self._params], _state_copies(optimizer, self._params))
         self._tangents = self._step_tangents(optimizer, pairs, tuple(products), grads)
         self._steps += 1
         if self._steps % self.orthonormalize_every == 0:
@@ -687,34 +720,45 @@ class TangentProbe(Callback):
             hook.remove()
         self._step_hooks = []
         self._after_step = None
-        self._grads_seen, self._clipped, self._hyperparameters_seen = None, None, None
+        self._stepped_with = None
+
+    def _distrust(self, reason: str, message: str) -> None:
+        """Mark the results untrusted (once), saying why."""
+        if not self._trusted:
+            return
+        self._trusted = False
+        self._untrusted_reason = reason
+        rank_zero_warn(f"TangentProbe: {message}. The tangents follow another map than the real one: results"
+                       " UNTRUSTED.")
+
+    @property
+    def _tolerance(self) -> float:
+        return _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
 
     def _check_real_step(self, optimizer: Optimizer) -> None:
         """After the real step: did the optimizer step with the gradients and hyperparameters the tangents were
         stepped with? An edit after this callback's ``on_before_optimizer_step`` (the module's own runs after the
-        callbacks'; so does a ``configure_gradient_clipping`` that clips with its own value) goes unseen by the replay
-        check. The optimizers the probe supports leave ``.grad`` and their hyperparameters as they found them."""
-        seen, clipped, hyperparameters = self._grads_seen, self._clipped, self._hyperparameters_seen
-        self._grads_seen, self._clipped, self._hyperparameters_seen = None, None, None
-        if hyperparameters is None or not self._trusted:
+        callbacks'; so do its ``configure_gradient_clipping`` and ``clip_gradients``) goes unseen by the replay check.
+        The optimizers the probe supports leave ``.grad`` and their hyperparameters as they found them."""
+        stepped_with, self._stepped_with = self._stepped_with, None
+        if stepped_with is None or not self._trusted:
             return
+        grads, hyperparameters, theta, states = stepped_with
         real = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        edited = False
-        if clipped is not None:  # Lightning's clipping wrote into them: compare with the clipping the tangents assumed
-            edited = _relative_gap(clipped, real) > _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
-        elif seen is not None:  # the tangents used the .grad tensors themselves: untouched, or the same values
-            versions, norms = seen
-            edited = versions != _fingerprint(real, norms=False)[0] and not torch.equal(norms, _fingerprint(real)[1])
-        what = "gradients" if edited else "hyperparameters" if hyperparameters != _hyperparameters(optimizer) else ""
+        # a tolerance, not equality: Lightning's clipping and the probe's round differently
+        what = ("gradients" if _relative_gap(grads, real) > self._tolerance
+                else "hyperparameters" if hyperparameters != _hyperparameters(optimizer) else "")
+        if not what:  # the weights the update started from: the same update from the probe's θ lands where it did
+            _update(optimizer, theta, real, states)
+            gap = _relative_gap(theta, [p.detach() for p in self._params])
+            what = "weights" if gap > 8 * torch.finfo(self._params[0].dtype).eps else ""
         if what:
-            self._trusted = False
-            rank_zero_warn(
-                f"TangentProbe: at step {self._attach_step + self._steps - 1} the optimizer stepped with other {what}"
-                " than the ones the probe saw in its on_before_optimizer_step: something set them after it (the"
-                " LightningModule's on_before_optimizer_step, a callback listed after TangentProbe, a"
-                " configure_gradient_clipping that clips with its own value). The tangents follow another map than the"
-                " real one: results UNTRUSTED."
-            )
+            self._distrust(
+                f"the optimizer stepped with other {what}",
+                f"at step {self._attach_step + self._steps - 1} the optimizer stepped with other {what} than the ones"
+                " the probe saw in its on_before_optimizer_step: something changed them after it (the LightningModule's"
+                " on_before_optimizer_step, configure_gradient_clipping or clip_gradients, a callback listed after"
+                " TangentProbe)")
 
     def _record_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """After the real optimizer's step (a step post-hook): the gradients it stepped with, and θ as it left it."""
@@ -726,29 +770,26 @@ class TangentProbe(Callback):
                     self._after_step = [p.clone() for p in params]
                 else:
                     torch._foreach_copy_(self._after_step, params)
-            self._after_step_versions = [(p._version, p.data_ptr()) for p in self._params]
-        except Exception:  # inside the real step: never let the probe's bookkeeping reach it
-            self._after_step = None
+        except Exception as error:  # inside the real step: never let the probe's bookkeeping reach it
+            self._after_step, self._hook_error = None, repr(error)
 
     def _check_untouched(self) -> None:
-        """θ now against θ as the last real step left it: the tangent map is the optimizer's update, so a change
-        made to the parameters in between (a constraint or projection in a hook, weights loaded or averaged into the
-        model) is a part of the real map that the tangents miss. Version counters make the usual case free."""
-        after, self._after_step_versions, versions = self._after_step, [], self._after_step_versions
-        if after is None or not self._trusted or len(versions) != len(self._params):
+        """θ now against θ as the last real step left it, exactly: the tangent map is the optimizer's update, so a
+        change made to the parameters in between (a constraint or projection in a hook, through ``.data`` too, weights
+        loaded or averaged into the model) is a part of the real map that the tangents miss. Weights swapped out and
+        back with the same values (for validation) are not a change."""
+        after, self._after_step = self._after_step, None
+        if after is None or not self._trusted or len(after) != len(self._params):
             return
-        if all(version == (p._version, p.data_ptr()) for version, p in zip(versions, self._params)):
-            return
-        if all(torch.equal(a, p) for a, p in zip(after, self._params)):
-            return  # written or swapped, with the same values (weights swapped out for validation and back)
-        self._trusted = False
-        rank_zero_warn(
-            f"TangentProbe: before step {self._attach_step + self._steps} the parameters changed after the optimizer's"
-            " step, outside it (a max-norm constraint or projection in a hook such as on_train_batch_end or"
-            " optimizer_step, weights loaded, averaged or reset into the model). The tangents follow the optimizer's"
-            " update only, not that change: results UNTRUSTED. ChaosProbe's shadows run the module's hooks and follow"
-            " it."
-        )
+        with torch.no_grad():
+            changed = _relative_gap(after, [p.detach() for p in self._params]) != 0.0
+        if changed:
+            self._distrust(
+                "the parameters changed between two steps, outside the optimizer",
+                f"before step {self._attach_step + self._steps} the parameters changed after the optimizer's step,"
+                " outside it (a max-norm constraint, clamp or projection in a hook such as on_train_batch_end or"
+                " optimizer_step, weights loaded, averaged or reset into the model); the tangents follow the"
+                " optimizer's update only, not that change. ChaosProbe's shadows run the module's hooks and follow it")
 
     def _check_replay(self, gradients: tuple[Tensor, ...]) -> None:
         """The replayed gradient against the real ``.grad``: a cheap proof that the replay saw the real step."""
@@ -757,8 +798,9 @@ class TangentProbe(Callback):
             return
         gap = _relative_gap([g for g, _ in pairs], [r for _, r in pairs])
         self._replay_gap = max(self._replay_gap, gap)
-        tolerance = _REPLAY_TOLERANCE.get(self._params[0].dtype, 1e-2)
+        tolerance = self._tolerance
         if gap > tolerance and self._trusted:
+            self._untrusted_reason = f"the replayed gradient differed from the real one by {gap:.1e}"
             self._trusted = False
             rank_zero_warn(
                 f"TangentProbe: at step {self._attach_step + self._steps} the gradient of the replayed training_step"
@@ -922,5 +964,5 @@ class TangentProbe(Callback):
             lines.append(f"  preconditioned sharpness {self.preconditioned_sharpness:.4g}; threshold"
                          f" (2 + 2β₁)/((1 − β₁)η) = {self.preconditioned_sharpness_threshold:.4g}")
         if not self._trusted:
-            lines.append(f"  UNTRUSTED: the replayed gradient differed from the real one by {self._replay_gap:.1e}")
+            lines.append(f"  UNTRUSTED: {self._untrusted_reason}")
         return "\n".join(lines)

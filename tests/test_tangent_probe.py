@@ -278,6 +278,83 @@ def test_the_probe_runs_after_the_callbacks_it_observes():
     assert torch.equal(first.spectrum_history, last.spectrum_history) and first.trusted
 
 
+@pytest.mark.parametrize("observer", [TangentProbe, lambda: ChaosProbe(sentinel_steps=0)], ids=["tangent", "chaos"])
+def test_moving_after_the_other_callbacks_leaves_their_setup_alone(observer):
+    """The probes reorder the Trainer's callbacks from their ``setup``, while Lightning loops over the list calling
+    ``setup``: every callback is still set up once, and Lightning's EMA callback, listed after a probe, works (it
+    crashed the fit when the list was reordered in place)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    calls = []
+
+    class Recorder(Callback):
+        def setup(self, trainer, pl_module, stage):
+            calls.append(self)
+
+    probe, first, second = observer(), Recorder(), Recorder()
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[probe, first, second, EMAWeightAveraging()])
+    trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
+    assert calls == [first, second] and trainer.callbacks[:3] == [first, second, trainer.callbacks[2]]
+    assert trainer.callbacks[3] is probe
+
+
+class EditsInItsOwnHook(MLPClassifier):
+    """Changes the step in its own ``on_before_optimizer_step`` (Lightning calls it after the callbacks'), through
+    ``.data`` (no version counter bumped) or not, or clips in an overridden ``clip_gradients``."""
+
+    def __init__(self, edit):
+        super().__init__()
+        self.edit = edit
+
+    def on_before_optimizer_step(self, optimizer):
+        for p in self.parameters():
+            if self.edit == "weights":
+                p.data.mul_(0.99)
+            elif self.edit == "gradients through .data":
+                p.grad.data.mul_(0.5)
+            elif self.edit == "gradients reversed":
+                p.grad.neg_()
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.edit == "own clip_gradients":
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+
+
+class EditsAfterTheStep(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for p in pl_module.parameters():
+            p.data.clamp_(-0.05, 0.05)  # WGAN's weight clipping, through .data
+
+
+@pytest.mark.parametrize("edit, said", [
+    ("weights", "other weights"), ("gradients through .data", "other gradients"),
+    ("gradients reversed", "other gradients"), ("own clip_gradients", "other gradients"),
+    ("clamped after the step", "the parameters changed after the optimizer's step")])
+def test_every_edit_to_the_step_is_said(edit, said):
+    """Whatever changes the step outside what the tangents follow, however it is written, is said once."""
+    probe = TangentProbe(num_exponents=1)
+    callbacks = [EditsAfterTheStep(), probe] if edit == "clamped after the step" else [probe]
+    trainer = quiet_trainer(max_steps=4, limit_val_batches=0, callbacks=callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(EditsInItsOwnHook(edit), datamodule=DigitsDataModule())
+    messages = [str(w.message) for w in caught if "UNTRUSTED" in str(w.message)]
+    assert probe.trusted is False and len(messages) == 1 and said in messages[0], messages
+    assert said.split()[-1] in probe._summary() or "parameters changed" in probe._summary()
+
+
+def test_a_crashed_fit_leaves_no_hook_on_the_optimizer():
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("the user's bug")
+
+    trainer = quiet_trainer(max_steps=6, limit_val_batches=0, callbacks=[Crash(), TangentProbe()])
+    with pytest.raises(RuntimeError, match="the user's bug"):
+        trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["train-mode", "frozen"])
 def test_batch_norm_statistics_are_never_perturbed(frozen):
     """The replay runs the BatchNorm on copies of its running statistics: the real ones end bit-identical."""
