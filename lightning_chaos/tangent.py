@@ -163,8 +163,9 @@ class TangentProbe(Callback):
 
     Cost per probed step: the replayed forward, a backward that keeps its graph and one more backward for the k
     tangents together (about 2.5× a training step's gradient for k = 1), one copy of the parameters and optimizer
-    state per tangent, one more copy of the parameters (θ as the real step left it, for the check above), and a
-    QR of a [D, k] matrix (a norm for k = 1); with
+    state per tangent, one more copy of the parameters (θ as the real step left it, for the check above; with one
+    of the hooks above overridden, also of the gradients and the optimizer state, for the step), and a QR of a
+    [D, k] matrix (a norm for k = 1); with
     ``sharpness=True`` up to 20 more Hessian-vector products every ``sharpness_every`` steps (fewer when warm).
 
     Args:
