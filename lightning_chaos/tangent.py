@@ -68,19 +68,24 @@ def _state_copies(optimizer: Optimizer, params: list[Tensor]) -> list[dict[str, 
             for p in params]
 
 
-def _update(optimizer: Optimizer, theta: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+def _update(optimizer: Optimizer, theta: list[Tensor], grads: list[Optional[Tensor]],
+            states: list[dict[str, Any]]) -> None:
     """The optimizer's own update (torch's functional SGD or Adam, with each param group's settings) applied in place
-    to ``theta`` and ``states``, copies of the parameters and state before the step, with ``grads``."""
+    to ``theta`` and ``states``, copies of the parameters and state before the step, with ``grads`` (None: a parameter
+    the optimizer skips, as it skips a parameter without ``.grad``)."""
     index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]
                                                  if p.requires_grad)}
     for group in optimizer.param_groups:
-        members = [index[id(p)] for p in group["params"] if id(p) in index]
-        ps, gs, ss = [theta[i] for i in members], [grads[i] for i in members], [states[i] for i in members]
+        members = [index[id(p)] for p in group["params"] if id(p) in index and grads[index[id(p)]] is not None]
+        if not members:
+            continue
+        ps, ss = [theta[i] for i in members], [states[i] for i in members]
+        gs = [g for g in (grads[i] for i in members) if g is not None]
         if isinstance(optimizer, torch.optim.SGD):
             buffers = [state.get("momentum_buffer") for state in ss]
             functional_sgd(ps, gs, buffers, foreach=group["foreach"], weight_decay=group["weight_decay"],
-                                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                                nesterov=group["nesterov"], maximize=group["maximize"])
+                           momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                           nesterov=group["nesterov"], maximize=group["maximize"])
         else:
             beta1, beta2 = group["betas"]
             functional_adam(
@@ -750,7 +755,7 @@ class TangentProbe(Callback):
         what = ("gradients" if _relative_gap(grads, real) > self._tolerance
                 else "hyperparameters" if hyperparameters != _hyperparameters(optimizer) else "")
         if not what:  # the weights the update started from: the same update from the probe's θ lands where it did
-            _update(optimizer, theta, real, states)
+            _update(optimizer, theta, [p.grad for p in self._params], states)
             gap = _relative_gap(theta, [p.detach() for p in self._params])
             what = "weights" if gap > 8 * torch.finfo(self._params[0].dtype).eps else ""
         if what:

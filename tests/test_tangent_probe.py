@@ -343,6 +343,34 @@ def test_every_edit_to_the_step_is_said(edit, said):
     assert said.split()[-1] in probe._summary() or "parameters changed" in probe._summary()
 
 
+class LogsGradientNorms(MLPClassifier):
+    """A read-only ``on_before_optimizer_step`` (which turns the step checks on) and a parameter no loss uses (no
+    ``.grad``: the optimizer skips it)."""
+
+    def __init__(self, optimizer):
+        super().__init__(momentum=0.9)
+        self.unused = nn.Linear(3, 3)
+        self.optimizer = optimizer
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3, weight_decay=1e-2)
+        return super().configure_optimizers()
+
+    def on_before_optimizer_step(self, optimizer):
+        self.log("grad_norm", torch.stack([p.grad.norm() for p in self.parameters() if p.grad is not None]).norm())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_read_only_hook_in_the_window_raises_no_false_alarm(optimizer):
+    probe = TangentProbe(num_exponents=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=5, limit_val_batches=0, gradient_clip_val=1.0, callbacks=[probe]).fit(
+            LogsGradientNorms(optimizer), datamodule=DigitsDataModule())
+    assert probe._step_editable and probe.trusted, [str(w.message) for w in caught if "TangentProbe" in str(w.message)]
+
+
 def test_a_crashed_fit_leaves_no_hook_on_the_optimizer():
     class Crash(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
