@@ -50,12 +50,27 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
+def _relative_gaps(*pairs: tuple[list[Tensor], list[Tensor]]) -> list[float]:
+    """‖tensors − reference‖ / ‖reference‖ over all blocks (absolute if the reference is 0), for each pair
+    ``(tensors, reference)``: a few fused kernels (foreach), norms accumulated in float64, one host synchronisation for
+    all the pairs (in the training loop each synchronisation costs about as much as the arithmetic here)."""
+    blocks: list[Tensor] = []
+    for tensors, reference in pairs:
+        blocks += [*torch._foreach_sub(tensors, reference), *reference]
+    norms = torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)).tolist()  # the few sums: on the host
+    gaps, offset = [], 0
+    for _, reference in pairs:
+        n = len(reference)
+        difference = math.fsum(x * x for x in norms[offset:offset + n])
+        norm = math.fsum(x * x for x in norms[offset + n:offset + 2 * n])
+        gaps.append(math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference))
+        offset += 2 * n
+    return gaps
+
+
 def _relative_gap(tensors: list[Tensor], reference: list[Tensor]) -> float:
-    """‖tensors − reference‖ / ‖reference‖ over all blocks (absolute if the reference is 0)."""
-    # a few fused kernels over all parameters (foreach), norms accumulated in float64, one host synchronisation
-    norms = torch._foreach_norm([*torch._foreach_sub(tensors, reference), *reference], 2, dtype=torch.float64)
-    difference, norm = torch.stack(norms).square().view(2, -1).sum(dim=1).tolist()
-    return math.sqrt(difference / norm) if norm > 0 else math.sqrt(difference)
+    """:func:`_relative_gaps` of one pair."""
+    return _relative_gaps((tensors, reference))[0]
 
 
 _HYPERPARAMETERS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "decoupled_weight_decay",
@@ -640,11 +655,10 @@ class TangentProbe(Callback):
             error, self._hook_error = self._hook_error, None
             self._distrust("the check after the real step failed", f"the check after the real optimizer step failed"
                            f" ({error}), so the probe cannot tell whether that step was the one the tangents followed")
-        self._check_untouched()
         gradients, hvp = self._differentiate(trainer, pl_module)
         n = len(self._params)
         with torch.no_grad():
-            self._check_replay(gradients)
+            self._check_replay_and_untouched(gradients)
         assert self._tangents is not None  # attached above
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         products = list(hvp(tuple(self._tangents[:n])))
@@ -779,30 +793,34 @@ class TangentProbe(Callback):
         except Exception as error:  # inside the real step: never let the probe's bookkeeping reach it
             self._after_step, self._hook_error = None, repr(error)
 
-    def _check_untouched(self) -> None:
-        """θ now against θ as the last real step left it, exactly: the tangent map is the optimizer's update, so a
-        change made to the parameters in between (a constraint or projection in a hook, through ``.data`` too, weights
-        loaded or averaged into the model) is a part of the real map that the tangents miss. Weights swapped out and
-        back with the same values (for validation) are not a change."""
+    def _check_replay_and_untouched(self, gradients: tuple[Tensor, ...]) -> None:
+        """Two checks, one host synchronisation.
+
+        The replayed gradient against the real ``.grad``: a cheap proof that the replay saw the real step.
+
+        θ now against θ as the last real step left it, exactly: the tangent map is the optimizer's update, so a change
+        made to the parameters in between (a constraint or projection in a hook, through ``.data`` too, weights loaded
+        or averaged into the model) is a part of the real map that the tangents miss. Weights swapped out and back
+        with the same values (for validation) are not a change.
+        """
         after, self._after_step = self._after_step, None
-        if after is None or not self._trusted or len(after) != len(self._params):
+        pairs = [(g, p.grad) for g, p in zip(gradients, self._params) if p.grad is not None]
+        checks = [([g for g, _ in pairs], [r for _, r in pairs])] if pairs else []
+        if after is not None and self._trusted and len(after) == len(self._params):
+            checks.append((after, [p.detach() for p in self._params]))
+        if not checks:
             return
-        with torch.no_grad():
-            changed = _relative_gap(after, [p.detach() for p in self._params]) != 0.0
-        if changed:
+        gaps = _relative_gaps(*checks)
+        if after is not None and len(checks) == 1 + bool(pairs) and gaps[-1] != 0.0:
             self._distrust(
                 "the parameters changed between two steps, outside the optimizer",
                 f"before step {self._attach_step + self._steps} the parameters changed after the optimizer's step,"
                 " outside it (a max-norm constraint, clamp or projection in a hook such as on_train_batch_end or"
                 " optimizer_step, weights loaded, averaged or reset into the model); the tangents follow the"
                 " optimizer's update only, not that change. ChaosProbe's shadows run the module's hooks and follow it")
-
-    def _check_replay(self, gradients: tuple[Tensor, ...]) -> None:
-        """The replayed gradient against the real ``.grad``: a cheap proof that the replay saw the real step."""
-        pairs = [(g, p.grad) for g, p in zip(gradients, self._params) if p.grad is not None]
         if not pairs:
             return
-        gap = _relative_gap([g for g, _ in pairs], [r for _, r in pairs])
+        gap = gaps[0]
         self._replay_gap = max(self._replay_gap, gap)
         tolerance = self._tolerance
         if gap > tolerance and self._trusted:
