@@ -785,9 +785,9 @@ class TangentProbe(Callback):
         try:
             with torch.no_grad():
                 self._check_real_step(optimizer)
-                params = [p.detach() for p in self._params]
+                params = self._params  # under no_grad: no detached views needed (each one is an operation)
                 if self._after_step is None or len(self._after_step) != len(params):
-                    self._after_step = [p.clone() for p in params]
+                    self._after_step = [p.detach().clone() for p in params]
                 else:
                     torch._foreach_copy_(self._after_step, params)
         except Exception as error:  # inside the real step: never let the probe's bookkeeping reach it
@@ -807,7 +807,7 @@ class TangentProbe(Callback):
         pairs = [(g, p.grad) for g, p in zip(gradients, self._params) if p.grad is not None]
         checks = [([g for g, _ in pairs], [r for _, r in pairs])] if pairs else []
         if after is not None and self._trusted and len(after) == len(self._params):
-            checks.append((after, [p.detach() for p in self._params]))
+            checks.append((after, self._params))  # called under no_grad
         if not checks:
             return
         gaps = _relative_gaps(*checks)
