@@ -299,8 +299,8 @@ class TangentProbe(Callback):
         self._step_hooks: list[RemovableHandle] = []
         self._hook_error: Optional[str] = None  # an error inside the step post-hook, said outside the real step
         self._untrusted_reason = ""
-        # whether anything runs between this callback's on_before_optimizer_step and the update that could edit the
-        # gradients or the hyperparameters (set at attach); without, those checks are skipped
+        # whether anything runs between this callback's on_before_optimizer_step and the update that could change
+        # the gradients, the hyperparameters or the weights (set at attach); without, those checks are skipped
         self._step_editable = False
         # the batches of this optimizer step (several under gradient accumulation), with the RNG states they saw
         self._micro: list[tuple[Any, int, RngState]] = []
