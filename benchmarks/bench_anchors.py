@@ -75,7 +75,7 @@ from lightning.pytorch import LightningModule, Trainer, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks
-from bench_finder import NEVER, TimeToTarget, _trainer, fmt_lr, fmt_target, fmt_tau, load_run, median_tau, save_json
+from bench_finder import NEVER, TimeToTarget, _trainer, fit_to_target, fmt_lr, fmt_target, fmt_tau, load_run, median_tau, save_json
 from tasks import Task
 
 import lightning_chaos
@@ -215,16 +215,7 @@ def measure_anchor_tau(task: Task, anchor: Anchor, lr: float, seed: int, root: s
         averager = PolynomialDecayAverager(model)  # a deep copy of the initial model; consumes no random numbers
     timer = AnchorTimeToTarget(x_val, y_val, task.target, task.eval_every, averager, anchor.schedule_free,
                                 anchor.eval_mode, task.metric)
-    started = time.perf_counter()
-    _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
-    return {
-        "lr": lr,
-        "seed": seed,
-        "tau": timer.tau if timer.tau is not None else NEVER,
-        "diverged": timer.diverged,
-        "curve": timer.curve,
-        "seconds": time.perf_counter() - started,
-    }
+    return fit_to_target(task, model, dm, timer, lr, seed, root)
 
 
 def run_chaos_finder(task: Task, anchor: Anchor, seed: int, root: str) -> dict:

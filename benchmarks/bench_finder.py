@@ -173,6 +173,22 @@ def _trainer(max_steps: int, callbacks: list[Callback], root: str) -> Trainer:
     )
 
 
+def fit_to_target(task: Task, model: LightningModule, dm: Any, timer: "TimeToTarget", lr: float, seed: int,
+                  root: str) -> dict:
+    """Fit ``model`` on ``dm`` with ``timer`` (a :class:`TimeToTarget`) within the task's budget: τ, the curve and
+    the wall time of the run at ``lr`` from seed ``seed``."""
+    started = time.perf_counter()
+    _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
+    return {
+        "lr": lr,
+        "seed": seed,
+        "tau": timer.tau if timer.tau is not None else NEVER,
+        "diverged": timer.diverged,
+        "curve": timer.curve,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def measure_tau(task: Task, lr: float, seed: int, root: str) -> dict:
     """Train ``task`` at ``lr`` from seed ``seed`` until the target or the budget; return τ and the curve of the
     task's validation metric."""
@@ -182,17 +198,17 @@ def measure_tau(task: Task, lr: float, seed: int, root: str) -> dict:
     x_val, y_val = dm.val_set.tensors
     model = task.make_model(lr)
     timer = TimeToTarget(x_val, y_val, task.target, task.eval_every, task.metric)
+    return {**fit_to_target(task, model, dm, timer, lr, seed, root), "inferred": False}
+
+
+def default_finder(task: Task, seed: int, root: str) -> tuple[Any, float]:
+    """``find_chaos_lr`` with its defaults on seed ``seed``'s fresh model and data: the result and its wall time."""
+    seed_everything(seed, verbose=False)
+    dm, model = task.make_datamodule(), task.make_model(task.default_lr)
+    trainer = _trainer(task.budget, [], root)
     started = time.perf_counter()
-    _trainer(task.budget, [timer], root).fit(model, datamodule=dm)
-    return {
-        "lr": lr,
-        "seed": seed,
-        "tau": timer.tau if timer.tau is not None else NEVER,
-        "diverged": timer.diverged,
-        "inferred": False,
-        "curve": timer.curve,
-        "seconds": time.perf_counter() - started,
-    }
+    result = find_chaos_lr(trainer, model, datamodule=dm)
+    return result, time.perf_counter() - started
 
 
 def measure_suggestions(task: Task, data: dict, finder: dict, floor: float, margins: list[float], root: str) -> None:

@@ -101,9 +101,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_finder import NEVER, TimeToTarget, _trainer, load_run, run_meta, save_json
+from bench_finder import NEVER, TimeToTarget, _trainer, default_finder, load_run, run_meta, save_json
 
-from lightning_chaos import find_chaos_lr
 from lightning_chaos.finder import ADAPTIVE_OPTIMIZERS
 
 DEFAULT_TASKS = ("digits_mlp", "mnist_mlp", "digits_relu", "digits_mom", "digits_adam", "mnist_adam")
@@ -200,12 +199,7 @@ def train(task: Any, seed: int, schedule: str, finder: dict, steps: int, root: s
 
 def run_finder(task: Any, seed: int, root: str) -> dict:
     """``find_chaos_lr`` with its defaults on seed ``seed``'s fresh model (as bench_finder.py's ``run_finders``)."""
-    seed_everything(seed, verbose=False)
-    dm, model = task.make_datamodule(), task.make_model(task.default_lr)
-    trainer = _trainer(task.budget, [], root)
-    started = time.perf_counter()
-    result = find_chaos_lr(trainer, model, datamodule=dm)
-    seconds = time.perf_counter() - started
+    result, seconds = default_finder(task, seed, root)
     return {
         "suggestion": result.suggestion,
         "lr_range": list(result.lr_range) if result.lr_range is not None else None,

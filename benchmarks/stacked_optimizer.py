@@ -19,16 +19,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
-from lightning.pytorch import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning_chaos.sweep as sweep_module  # noqa: E402
-from bench_finder import _trainer  # noqa: E402
-from lightning_chaos import find_chaos_lr  # noqa: E402
+from bench_finder import default_finder  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 
@@ -38,12 +35,7 @@ def sweep(task_name: str, seed: int, root: str, stacked_optimizer: bool) -> dict
     if not stacked_optimizer:
         sweep_module.LRSweep._stacked_optimizer = lambda self, stacked, candidates: None
     try:
-        seed_everything(seed, verbose=False)
-        dm, model = task.make_datamodule(), task.make_model(task.default_lr)
-        trainer = _trainer(task.budget, [], root)
-        started = time.perf_counter()
-        result = find_chaos_lr(trainer, model, datamodule=dm)
-        seconds = time.perf_counter() - started
+        result, seconds = default_finder(task, seed, root)
     finally:
         sweep_module.LRSweep._stacked_optimizer = original
     return {

@@ -41,34 +41,23 @@ def test_gpt2_eager_attention():
     assert probe.trusted, run.warned("TangentProbe")
 
 
-def test_lightning_lstm_demo_says_it_cannot_be_trusted():
-    """The demo carries its LSTM's hidden state from batch to batch: a variable of the training map that the tangents
-    do not follow. The replay check catches it at the first step and says so; training is untouched."""
+@pytest.mark.parametrize("case, said", [
+    # the demo carries its LSTM's hidden state from batch to batch: a variable of the training map the tangents do not
+    # follow; the replay check catches it at the first step
+    (LSTM_DEMO, "TangentProbe: at step 0 .* UNTRUSTED"),
+    # the module renormalises its weights in on_train_batch_end, after the optimizer's step: said from the step after
+    (MAX_NORM, "TangentProbe: before step 2 the parameters changed after the optimizer's step.*UNTRUSTED"),
+    # the module clips in configure_gradient_clipping with its own value while the Trainer has none (not refused
+    # upfront: such an override may clip nothing): the optimizer steps with gradients the tangents did not
+    (OWN_CLIPPING, "TangentProbe: at step 1 the optimizer stepped with other gradients.*UNTRUSTED"),
+], ids=lambda value: getattr(value, "name", ""))
+def test_a_step_the_tangents_do_not_follow_is_said(case, said):
+    """Training untouched, the results marked untrusted, and why said."""
     probe = TangentProbe(num_exponents=1)
-    run = fit(LSTM_DEMO, callbacks=[probe])
-    assert_same_training(run, plain_run(LSTM_DEMO))
+    run = fit(case, callbacks=[probe])
+    assert_same_training(run, plain_run(case))
     assert probe.trusted is False
-    assert run.warned("TangentProbe: at step 0 .* UNTRUSTED")
-
-
-def test_a_max_norm_constraint_in_a_hook_is_said():
-    """The module renormalises its weights in ``on_train_batch_end``, after the optimizer's step: a part of the
-    training map the tangents (the optimizer's update, linearised) do not follow. Said from the first step after."""
-    probe = TangentProbe(num_exponents=1)
-    run = fit(MAX_NORM, callbacks=[probe])
-    assert_same_training(run, plain_run(MAX_NORM))
-    assert probe.trusted is False
-    assert run.warned("TangentProbe: before step 2 the parameters changed after the optimizer's step.*UNTRUSTED")
-
-
-def test_clipping_by_a_configure_gradient_clipping_of_its_own_is_said():
-    """The module clips in ``configure_gradient_clipping`` with its own value while the Trainer has none: the optimizer
-    steps with gradients the tangents did not (not refused upfront: such an override may clip nothing)."""
-    probe = TangentProbe(num_exponents=1)
-    run = fit(OWN_CLIPPING, callbacks=[probe])
-    assert_same_training(run, plain_run(OWN_CLIPPING))
-    assert probe.trusted is False
-    assert run.warned("TangentProbe: at step 1 the optimizer stepped with other gradients.*UNTRUSTED")
+    assert run.warned(said)
 
 
 # -- every setup of the compat suite ---------------------------------------------------------------------------------
